@@ -1,1 +1,468 @@
-/* placeholder: being written */
+/* SPDX-License-Identifier: MIT */
+/* fieldhubd lifecycle: start, the loop, reload on SIGHUP, graceful stop, the watchdog. */
+
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <systemd/sd-daemon.h>
+
+#include "daemon.h"
+#include "hub/clock.h"
+#include "hub/msg.h"
+#include "log-ids.h"
+#include "log.h"
+#include "notify.h"
+
+static uint64_t mono_now(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_BOOTTIME, &ts);
+        return (uint64_t) ts.tv_sec * USEC_PER_SEC + (uint64_t) ts.tv_nsec / 1000;
+}
+
+static enum gw_log_target_kind log_target_of(enum gw_log_target t) {
+        switch (t) {
+        case GW_LOG_TARGET_JOURNAL:
+                return GW_LOG_TO_JOURNAL;
+        case GW_LOG_TARGET_STDERR:
+                return GW_LOG_TO_STDERR;
+        default:
+                return GW_LOG_TO_AUTO;
+        }
+}
+
+static char **host_names_of(const struct gw_config *c) {
+        size_t n = 0;
+        while (c->host_aliases && c->host_aliases[n])
+                n++;
+        char **v = calloc(n + 2, sizeof(char *));
+        if (!v)
+                return NULL;
+        v[0] = c->host_name;
+        for (size_t i = 0; i < n; i++)
+                v[i + 1] = c->host_aliases[i];
+        return v;
+}
+
+/* Logs every configuration error, one entry each, and returns them as a JSON array. */
+static json_t *log_config_errors(struct adp_conf_errors *e, int level) {
+        json_t *arr = json_array();
+        for (size_t i = 0; i < adp_conf_errors_count(e); i++) {
+                const char *m = adp_conf_errors_get(e, i);
+                gw_log_full(level, 0, GW_FIELDS(.component = "config", .no_ratelimit = true),
+                            "%s", m);
+                if (arr)
+                        json_array_append_new(arr, json_string(m));
+        }
+        return arr;
+}
+
+static void apply_log_config(struct gw_daemon *d, const struct gw_config *c) {
+        gw_log_setup(log_target_of(c->log_target), d->opts.log_level >= 0 ? d->opts.log_level : c->log_level);
+        gw_log_set_rate_limit(c->log_rate_interval_usec, c->log_rate_burst);
+}
+
+/* Policy keys from key files or credentials replace the generated ones. */
+static int apply_policy_keys(struct gw_daemon *d, const struct gw_config *c) {
+        gw_log_clear_secrets();
+        for (size_t i = 0; i < c->n_policy_keys; i++) {
+                const struct gw_policy_key *k = &c->policy_keys[i];
+                (void) gw_log_add_secret(k->primary_key);
+                if (k->secondary_key)
+                        (void) gw_log_add_secret(k->secondary_key);
+                int r = hub_registry_policy_set_keys(d->registry, k->name, k->primary_key, k->secondary_key);
+                if (r < 0)
+                        return gw_log_errno(LOG_ERR, r, "Cannot set the keys of policy %s: %m", k->name);
+                gw_log_info("Shared access policy %s uses the key%s from the configuration", k->name,
+                            k->secondary_key ? "s" : "");
+        }
+        return 0;
+}
+
+void gw_daemon_status_line(struct gw_daemon *d, char *buf, size_t n) {
+        uint64_t total = 0, enabled = 0, disabled = 0;
+        if (d->registry)
+                (void) hub_registry_count(d->registry, &total, &enabled, &disabled);
+        snprintf(buf, n, "Hub %s: %llu device%s (%llu enabled)%s%s%s", d->config->host_name,
+                 (unsigned long long) total, total == 1 ? "" : "s", (unsigned long long) enabled,
+                 d->store_stalled ? "; STORE STALLED" : "", d->last_reload_error ? "; last reload rejected: " : "",
+                 d->last_reload_error ? d->last_reload_error : "");
+}
+
+static void notify_ready(struct gw_daemon *d) {
+        char status[512];
+        gw_daemon_status_line(d, status, sizeof status);
+        gw_notify_ready(status);
+}
+
+json_t *gw_daemon_status(struct gw_daemon *d) {
+        struct hub_store_stats st;
+        uint64_t total = 0, enabled = 0, disabled = 0;
+        char line[512];
+
+        hub_store_get_stats(d->store, &st);
+        (void) hub_registry_count(d->registry, &total, &enabled, &disabled);
+        gw_daemon_status_line(d, line, sizeof line);
+
+        json_t *aliases = json_array(), *sources = json_array();
+        for (size_t i = 0; d->config->host_aliases && d->config->host_aliases[i]; i++)
+                json_array_append_new(aliases, json_string(d->config->host_aliases[i]));
+        for (size_t i = 0; d->config->sources && d->config->sources[i]; i++)
+                json_array_append_new(sources, json_string(d->config->sources[i]));
+
+        return json_pack("{s:s, s:s, s:s, s:o, s:s, s:o, s:I, s:s, s:{s:I, s:I, s:I}, "
+                         "s:{s:s, s:b, s:b, s:I, s:I, s:I, s:I, s:I, s:I, s:I}, "
+                         "s:{s:I, s:I, s:s?}, s:I}",
+                         "version", FIELDHUB_VERSION,
+                         "status", line,
+                         "hostName", d->config->host_name,
+                         "hostAliases", aliases,
+                         "stateDir", d->opts.state_dir ? d->opts.state_dir : d->config->state_dir,
+                         "configSources", sources,
+                         "pid", (json_int_t) getpid(),
+                         "logLevel", gw_log_level_to_string(gw_log_get_max_level()),
+                         "devices", "total", (json_int_t) total, "enabled", (json_int_t) enabled,
+                         "disabled", (json_int_t) disabled,
+                         "store", "path", hub_store_path(d->store), "healthy", !d->store_stalled,
+                         "uncleanStartup", hub_store_was_unclean(d->store), "commits", (json_int_t) st.commits,
+                         "writes", (json_int_t) st.writes, "pending", (json_int_t) st.pending,
+                         "lastBatch", (json_int_t) st.last_batch, "maxBatch", (json_int_t) st.max_batch,
+                         "lastCommitUsec", (json_int_t) st.last_commit_usec, "dbBytes", (json_int_t) st.db_bytes,
+                         "reloads", "ok", (json_int_t) d->reloads_ok, "failed", (json_int_t) d->reloads_failed,
+                         "lastError", d->last_reload_error,
+                         "uptimeSec", (json_int_t) ((mono_now() - d->started_mono) / USEC_PER_SEC));
+}
+
+static int on_move_admin(sd_event_source *s, void *userdata) {
+        struct gw_daemon *d = userdata;
+        struct gw_admin *na = NULL;
+        int r = gw_admin_start(d, d->config->admin_socket, &na);
+        if (r < 0)
+                gw_log_errno(LOG_WARNING, r, "Cannot move the admin socket to %s: %m; keeping %s",
+                             d->config->admin_socket, d->admin ? gw_admin_path(d->admin) : "none");
+        else {
+                gw_admin_stop(d->admin);
+                d->admin = na;
+        }
+        return 0;
+}
+
+int gw_daemon_reload(struct gw_daemon *d, json_t **ret_errors) {
+        _cleanup_(adp_conf_errors_done) struct adp_conf_errors e = { 0 };
+        struct gw_config *nc = NULL;
+
+        gw_notify_reloading();
+        gw_log_info("Reloading configuration from %s", d->opts.config_path);
+
+        int r = gw_config_load(d->opts.config_path, d->opts.confd_dir, &nc, &e);
+        if (r < 0) {
+                json_t *errs = log_config_errors(&e, LOG_ERR);
+                const char *first = adp_conf_errors_count(&e) > 0 ? adp_conf_errors_get(&e, 0) : strerror(-r);
+                free(d->last_reload_error);
+                d->last_reload_error = strdup(first);
+                d->reloads_failed++;
+                gw_log_event(LOG_ERR, 0, GW_MSG_RELOAD_FAILED, "reload-failed",
+                             "Configuration reload rejected (%zu error%s); keeping the running configuration",
+                             adp_conf_errors_count(&e), adp_conf_errors_count(&e) == 1 ? "" : "s");
+                notify_ready(d);
+                if (ret_errors)
+                        *ret_errors = errs;
+                else
+                        json_decref(errs);
+                return -EINVAL;
+        }
+
+        struct gw_config *old = d->config;
+        if (!streq(old->state_dir, nc->state_dir) && !d->opts.state_dir)
+                gw_log_warning("state_dir changed from %s to %s: this takes effect after a restart, ignoring",
+                               old->state_dir, nc->state_dir);
+        if (old->store_stall_timeout_usec != nc->store_stall_timeout_usec)
+                gw_log_warning("store.stall_timeout changed: this takes effect after a restart, ignoring");
+
+        char **hn = host_names_of(nc);
+        if (!hn) {
+                gw_config_free(nc);
+                return gw_log_errno(LOG_ERR, ENOMEM, "Reload failed: %m");
+        }
+
+        apply_log_config(d, nc);
+        r = apply_policy_keys(d, nc);
+        if (r < 0) {
+                /* Put the old keys back: the registry must match the running configuration. */
+                (void) apply_policy_keys(d, old);
+                free(hn);
+                gw_config_free(nc);
+                apply_log_config(d, old);
+                notify_ready(d);
+                if (ret_errors)
+                        *ret_errors = json_pack("[s]", "cannot apply the shared access policy keys");
+                return -EINVAL;
+        }
+
+        bool move_admin = !streq(old->admin_socket, nc->admin_socket);
+
+        free(d->host_names);
+        d->host_names = hn;
+        d->config = nc;
+        gw_config_free(old);
+        free(d->last_reload_error);
+        d->last_reload_error = NULL;
+        d->reloads_ok++;
+        /* The request being answered may have come through the admin socket: move the
+         * listener only after this dispatch has returned. */
+        if (move_admin)
+                (void) sd_event_add_defer(d->event, NULL, on_move_admin, d);
+
+        gw_log_event(LOG_NOTICE, 0, GW_MSG_RELOADED, "reloaded", "Configuration reloaded from %s",
+                     d->opts.config_path);
+        notify_ready(d);
+        return 0;
+}
+
+static int on_signal(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
+        struct gw_daemon *d = userdata;
+        if (si->ssi_signo == SIGHUP) {
+                (void) gw_daemon_reload(d, NULL);
+                return 0;
+        }
+        gw_log_info("Received %s, stopping", strsignal((int) si->ssi_signo));
+        gw_notify_stopping();
+        return sd_event_exit(sd_event_source_get_event(s), 0);
+}
+
+static int on_store(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        struct gw_daemon *d = userdata;
+        (void) hub_store_dispatch(d->store);
+        return 0;
+}
+
+static int heartbeat_write(struct hub_store_txn *txn, void *userdata) {
+        /* Nothing to write: the transaction itself (write lock, commit) is the probe. */
+        return 0;
+}
+
+static void heartbeat_done(int result, void *userdata) {
+        struct gw_daemon *d = userdata;
+        d->heartbeat_pending = false;
+        if (result < 0)
+                gw_log_full(LOG_ERR, result,
+                            GW_FIELDS(.component = "store", .message_id = GW_MSG_STORE_ERROR,
+                                                           .event = "store-error"),
+                            "Store heartbeat commit failed: %m");
+}
+
+/* Pets the watchdog only while the loop runs (this timer fires) and the store's commit
+ * thread makes progress (no commit stuck past the stall timeout); a tiny heartbeat
+ * transaction keeps the commit thread exercised even when nothing else writes. */
+static int on_watchdog(sd_event_source *s, uint64_t usec, void *userdata) {
+        struct gw_daemon *d = userdata;
+        uint64_t now = mono_now();
+
+        if (!hub_store_healthy(d->store, now)) {
+                if (!d->store_stalled) {
+                        d->store_stalled = true;
+                        gw_log_full(LOG_CRIT, 0,
+                                    GW_FIELDS(.component = "store",
+                                                                   .message_id = GW_MSG_STORE_STALLED,
+                                                                   .event = "store-stalled", .no_ratelimit = true),
+                                    "Store commit stalled for more than %llu ms; no longer petting the watchdog",
+                                    (unsigned long long) (d->config->store_stall_timeout_usec / USEC_PER_MSEC));
+                        gw_notify_status("Store commit stalled");
+                }
+        } else {
+                if (d->store_stalled) {
+                        d->store_stalled = false;
+                        gw_log_notice("Store commits make progress again");
+                        char st[512];
+                        gw_daemon_status_line(d, st, sizeof st);
+                        gw_notify_status("%s", st);
+                }
+                if (d->watchdog_usec)
+                        gw_notify_watchdog();
+        }
+        if (!d->heartbeat_pending) {
+                int r = hub_store_submit(d->store, heartbeat_write, heartbeat_done, d);
+                if (r >= 0)
+                        d->heartbeat_pending = true;
+        }
+
+        uint64_t period = d->watchdog_usec ? d->watchdog_usec / 4 : 5 * USEC_PER_SEC;
+        return sd_event_source_set_time(s, usec + MAX(period, 50 * USEC_PER_MSEC));
+}
+
+static int on_housekeeping(sd_event_source *s, uint64_t usec, void *userdata) {
+        gw_log_flush_suppressed();
+        return sd_event_source_set_time(s, usec + 5 * USEC_PER_SEC);
+}
+
+static void on_check_progress(void *userdata, uint64_t elapsed) {
+        /* Ask systemd for more start-up time while quick_check runs. */
+        gw_notify_extend_timeout(30 * USEC_PER_SEC);
+        gw_notify_status("Checking the store after an unclean stop (%llu s)",
+                         (unsigned long long) (elapsed / USEC_PER_SEC));
+}
+
+static void on_registry_event(void *userdata, struct hub_msg *ev) {
+        const char *op = hub_msg_get_prop(ev, "opType", NULL);
+        const char *dev = hub_msg_get_prop(ev, "deviceId", NULL);
+        if (!op || !dev)
+                return;
+        bool created = streq(op, "createDeviceIdentity");
+        gw_log_full(LOG_NOTICE, 0,
+                    GW_FIELDS(.component = "registry", .device = dev,
+                                                   .message_id = created ? GW_MSG_DEVICE_CREATED : GW_MSG_DEVICE_DELETED,
+                                                   .event = op, .no_ratelimit = true),
+                    "Device identity %s %s", dev, created ? "created" : "deleted");
+}
+
+int gw_daemon_start(const struct gw_daemon_options *opts, struct gw_daemon **ret) {
+        _cleanup_(adp_conf_errors_done) struct adp_conf_errors e = { 0 };
+        struct gw_daemon *d = calloc(1, sizeof *d);
+        int r;
+
+        if (!d) {
+                gw_log_errno(LOG_ERR, ENOMEM, "Out of memory");
+                return 1;
+        }
+        d->opts = *opts;
+        d->started_mono = mono_now();
+        *ret = d;
+
+        r = gw_config_load(opts->config_path, opts->confd_dir, &d->config, &e);
+        if (r < 0) {
+                json_decref(log_config_errors(&e, LOG_ERR));
+                if (adp_conf_errors_count(&e) == 0)
+                        gw_log_errno(LOG_ERR, r, "Cannot load %s: %m", opts->config_path);
+                gw_log_event(LOG_ERR, 0, GW_MSG_CONFIG_INVALID, "config-invalid",
+                             "Configuration %s is invalid (%zu error%s); refusing to start", opts->config_path,
+                             adp_conf_errors_count(&e), adp_conf_errors_count(&e) == 1 ? "" : "s");
+                return GW_EXIT_CONFIG;
+        }
+        apply_log_config(d, d->config);
+        d->host_names = host_names_of(d->config);
+        if (!d->host_names) {
+                gw_log_errno(LOG_ERR, ENOMEM, "Out of memory");
+                return 1;
+        }
+
+        sigset_t ss;
+        sigemptyset(&ss);
+        sigaddset(&ss, SIGTERM);
+        sigaddset(&ss, SIGINT);
+        sigaddset(&ss, SIGHUP);
+        sigprocmask(SIG_BLOCK, &ss, NULL);
+        signal(SIGPIPE, SIG_IGN);
+
+        r = sd_event_default(&d->event);
+        if (r < 0) {
+                gw_log_errno(LOG_ERR, r, "Cannot create the event loop: %m");
+                return 1;
+        }
+        if ((r = sd_event_add_signal(d->event, NULL, SIGTERM, on_signal, d)) < 0 ||
+            (r = sd_event_add_signal(d->event, NULL, SIGINT, on_signal, d)) < 0 ||
+            (r = sd_event_add_signal(d->event, NULL, SIGHUP, on_signal, d)) < 0) {
+                gw_log_errno(LOG_ERR, r, "Cannot watch signals: %m");
+                return 1;
+        }
+
+        const char *state_dir = opts->state_dir ? opts->state_dir : d->config->state_dir;
+        char errbuf[512] = "";
+        struct hub_store_options so = {
+                .dir = state_dir,
+                .clock = hub_clock_system(),
+                .log = &gw_hub_log,
+                .stall_timeout_usec = d->config->store_stall_timeout_usec,
+                .check_progress = on_check_progress,
+                .userdata = d,
+                .force_check = d->config->store_check_on_start,
+                .errbuf = errbuf,
+                .errbuf_size = sizeof errbuf,
+        };
+        r = hub_store_open(&so, &d->store);
+        if (r < 0) {
+                gw_log_full(LOG_ERR, r,
+                            GW_FIELDS(.component = "store", .message_id = GW_MSG_STORE_ERROR,
+                                                           .event = "store-open-failed", .no_ratelimit = true),
+                            "Cannot open the store in %s: %s", state_dir, errbuf[0] ? errbuf : strerror(-r));
+                return r == -EPROTONOSUPPORT || r == -EBADMSG ? GW_EXIT_DATAERR : 1;
+        }
+        if (hub_store_was_unclean(d->store))
+                gw_log_event(LOG_WARNING, 0, GW_MSG_STORE_CHECK, "store-checked",
+                             "The previous run did not stop cleanly; store %s passed its integrity check",
+                             hub_store_path(d->store));
+        gw_log_full(LOG_INFO, 0,
+                    GW_FIELDS(.component = "store", .message_id = GW_MSG_STORE_OPENED,
+                                                   .event = "store-opened"),
+                    "Store %s opened", hub_store_path(d->store));
+
+        r = hub_registry_new(d->store, hub_clock_system(), &gw_hub_log, &d->registry);
+        if (r < 0) {
+                gw_log_errno(LOG_ERR, r, "Cannot open the identity registry: %m");
+                return 1;
+        }
+        hub_registry_set_event_sink(d->registry, on_registry_event, d);
+        if (apply_policy_keys(d, d->config) < 0)
+                return GW_EXIT_CONFIG;
+
+        r = sd_event_add_io(d->event, &d->store_source, hub_store_get_fd(d->store), EPOLLIN, on_store, d);
+        if (r < 0) {
+                gw_log_errno(LOG_ERR, r, "Cannot watch the store: %m");
+                return 1;
+        }
+
+        r = gw_admin_start(d, d->config->admin_socket, &d->admin);
+        if (r < 0)
+                gw_log_errno(LOG_WARNING, r, "Admin socket %s unavailable: %m; fieldhubctl cannot reach this daemon",
+                             d->config->admin_socket);
+
+        if (sd_watchdog_enabled(false, &d->watchdog_usec) <= 0)
+                d->watchdog_usec = 0;
+        uint64_t now;
+        sd_event_now(d->event, CLOCK_MONOTONIC, &now);
+        r = sd_event_add_time(d->event, &d->watchdog_source, CLOCK_MONOTONIC, now, 0, on_watchdog, d);
+        if (r >= 0)
+                r = sd_event_add_time(d->event, &d->housekeeping_source, CLOCK_MONOTONIC, now + 5 * USEC_PER_SEC,
+                                      USEC_PER_SEC, on_housekeeping, d);
+        if (r < 0) {
+                gw_log_errno(LOG_ERR, r, "Cannot add timers: %m");
+                return 1;
+        }
+        return 0;
+}
+
+int gw_daemon_run(struct gw_daemon *d) {
+        char status[512];
+        gw_daemon_status_line(d, status, sizeof status);
+        gw_log_event(LOG_NOTICE, 0, GW_MSG_STARTED, "started", "fieldhubd %s started: %s", FIELDHUB_VERSION, status);
+        gw_notify_ready(status);
+
+        int r = sd_event_loop(d->event);
+        if (r < 0)
+                return gw_log_errno(LOG_ERR, r, "Event loop failed: %m"), 1;
+        return 0;
+}
+
+struct gw_daemon *gw_daemon_free(struct gw_daemon *d) {
+        if (!d)
+                return NULL;
+        bool started = d->store != NULL;
+        d->admin = gw_admin_stop(d->admin);
+        d->watchdog_source = sd_event_source_disable_unref(d->watchdog_source);
+        d->housekeeping_source = sd_event_source_disable_unref(d->housekeeping_source);
+        d->registry = hub_registry_free(d->registry);
+        d->store_source = sd_event_source_disable_unref(d->store_source);
+        /* Drains every pending write and delivers its completion before closing. */
+        d->store = hub_store_close(d->store);
+        d->event = sd_event_unref(d->event);
+        if (started)
+                gw_log_event(LOG_NOTICE, 0, GW_MSG_STOPPED, "stopped", "fieldhubd stopped");
+        free(d->host_names);
+        free(d->last_reload_error);
+        d->config = gw_config_free(d->config);
+        gw_log_clear_secrets();
+        free(d);
+        return NULL;
+}

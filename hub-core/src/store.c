@@ -1,1 +1,968 @@
-/* placeholder: being written */
+/* SPDX-License-Identifier: MIT */
+/* The durable store: SQLite (WAL, synchronous=FULL) with grouped commits.
+ *
+ * Why a commit thread: with synchronous=FULL every commit costs an fsync (milliseconds on
+ * real storage). Writers (MQTT PUBACKs waiting for durability, C2D queue changes, ...) must
+ * not each pay one, and the event loop must never wait for one. So the owner's thread only
+ * queues write functions; one commit thread takes everything queued since its last commit
+ * (the whole list, swapped under the mutex), runs it in one transaction with a SAVEPOINT per
+ * write, commits, and immediately takes whatever arrived meanwhile. There is no timer: under
+ * light load each write commits alone with the least latency, under heavy load batches grow
+ * by themselves to the number of writes that arrive during one fsync.
+ *
+ * Completions travel back through a "done" list and an eventfd, so the event loop runs
+ * them on its own thread from hub_store_dispatch(). hub_store_submit_wait() is the blocking
+ * exception for rare operations; it waits on a condition variable of its own.
+ *
+ * Connections: the writer connection is used by the opening thread until the commit thread
+ * starts, then only by the commit thread, then again by the closing thread after the join.
+ * The read-only connection belongs to the owner's thread. Both are opened NOMUTEX. */
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/eventfd.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "hub/clock.h"
+#include "hub/log.h"
+#include "hub/store.h"
+#include "store-internal.h"
+#include "store-schema.h"
+
+#define STORE_BUSY_TIMEOUT_MS 5000
+#define STORE_DEFAULT_STALL_USEC (10 * USEC_PER_SEC)
+#define STORE_PROGRESS_OPS 100
+
+struct store_waiter {
+        pthread_cond_t cond;
+        bool done;
+        int result;
+};
+
+struct store_write {
+        struct store_write *next;
+        hub_store_write_fn fn;
+        hub_store_done_fn done;
+        void *userdata;
+        int result;
+        struct store_waiter *waiter; /* set by hub_store_submit_wait() */
+};
+
+struct hub_store_txn {
+        struct hub_store *store;
+        sqlite3 *db;
+};
+
+struct hub_store {
+        char *dir;
+        char *path;
+        const struct hub_clock *clock;
+        const struct hub_log *log;
+        uint64_t stall_timeout;
+        bool unclean;
+        bool opened; /* fully opened: close records a clean shutdown */
+
+        sqlite3 *wdb; /* writer: commit thread */
+        sqlite3 *rdb; /* reader: owner's thread */
+        int efd;
+
+        pthread_t thread;
+        bool thread_started;
+        bool lock_initialized;
+
+        pthread_mutex_t lock;
+        pthread_cond_t cond;
+        /* Everything below is protected by lock. */
+        struct store_write *queue, *queue_tail;
+        struct store_write *done, *done_tail;
+        bool stopping;
+        bool thread_exited;
+        uint64_t commit_started; /* monotonic usec, 0 = no commit running */
+        struct hub_store_stats stats;
+};
+
+int hub_store_errno(int sqlite_rc) {
+        switch (sqlite_rc & 0xff) {
+        case SQLITE_OK:
+        case SQLITE_ROW:
+        case SQLITE_DONE:
+                return 0;
+        case SQLITE_FULL:
+                return -ENOSPC;
+        case SQLITE_CONSTRAINT:
+                return -EEXIST;
+        case SQLITE_CORRUPT:
+        case SQLITE_NOTADB:
+                return -EBADMSG;
+        case SQLITE_BUSY:
+        case SQLITE_LOCKED:
+                return -EBUSY;
+        case SQLITE_NOMEM:
+                return -ENOMEM;
+        case SQLITE_PERM:
+                return -EPERM;
+        case SQLITE_AUTH:
+                return -EACCES;
+        case SQLITE_READONLY:
+                return -EROFS;
+        case SQLITE_TOOBIG:
+                return -E2BIG;
+        case SQLITE_MISUSE:
+        case SQLITE_RANGE:
+                return -EINVAL;
+        default:
+                return -EIO;
+        }
+}
+
+/* Like hub_store_errno(), but prefers the OS error behind an I/O or open failure. */
+static int db_errno(sqlite3 *db, int rc) {
+        int prim = rc & 0xff;
+
+        if (db && (prim == SQLITE_IOERR || prim == SQLITE_CANTOPEN)) {
+                int e = sqlite3_system_errno(db);
+                if (e > 0)
+                        return -e;
+        }
+        return hub_store_errno(rc);
+}
+
+sqlite3 *hub_store_txn_db(struct hub_store_txn *txn) {
+        return txn ? txn->db : NULL;
+}
+
+sqlite3 *hub_store_read_db(struct hub_store *s) {
+        return s ? s->rdb : NULL;
+}
+
+const struct hub_log *hub_store_log(struct hub_store *s) {
+        return s ? s->log : NULL;
+}
+
+const struct hub_clock *hub_store_clock(struct hub_store *s) {
+        return s ? s->clock : NULL;
+}
+
+const char *hub_store_path(struct hub_store *s) {
+        return s ? s->path : NULL;
+}
+
+bool hub_store_was_unclean(struct hub_store *s) {
+        return s && s->unclean;
+}
+
+int hub_store_get_fd(struct hub_store *s) {
+        return s ? s->efd : -EINVAL;
+}
+
+_printf_(2, 3) static void set_err(const struct hub_store_options *opts, const char *fmt, ...) {
+        va_list ap;
+
+        if (!opts->errbuf || opts->errbuf_size == 0)
+                return;
+        va_start(ap, fmt);
+        vsnprintf(opts->errbuf, opts->errbuf_size, fmt, ap);
+        va_end(ap);
+}
+
+static uint64_t mono_now(const struct hub_store *s) {
+        uint64_t t = hub_clock_mono(s->clock);
+        return t ? t : 1; /* 0 means "no commit running" */
+}
+
+/* ---- commit thread -------------------------------------------------------------------- */
+
+static int exec(sqlite3 *db, const char *sql) {
+        return sqlite3_exec(db, sql, NULL, NULL, NULL);
+}
+
+/* Runs one write under its own SAVEPOINT. Sets *ret_lost when SQLite rolled back the whole
+ * transaction (it does so on some SQLITE_FULL, IOERR, NOMEM, BUSY errors): then nothing of
+ * the group is left to commit. */
+static int run_one(struct hub_store *s, struct store_write *w, bool *ret_lost) {
+        struct hub_store_txn txn = { .store = s, .db = s->wdb };
+        int rc, r;
+
+        *ret_lost = false;
+        rc = exec(s->wdb, "SAVEPOINT hub_write");
+        if (rc != SQLITE_OK) {
+                *ret_lost = sqlite3_get_autocommit(s->wdb);
+                return db_errno(s->wdb, rc);
+        }
+
+        r = w->fn(&txn, w->userdata);
+
+        if (sqlite3_get_autocommit(s->wdb)) {
+                *ret_lost = true;
+                return r < 0 ? r : -EIO;
+        }
+        if (r >= 0) {
+                rc = exec(s->wdb, "RELEASE hub_write");
+                if (rc == SQLITE_OK)
+                        return r;
+                r = db_errno(s->wdb, rc);
+        }
+        /* This write alone is undone; the others of the group are unaffected. */
+        (void) exec(s->wdb, "ROLLBACK TO hub_write");
+        (void) exec(s->wdb, "RELEASE hub_write");
+        if (sqlite3_get_autocommit(s->wdb))
+                *ret_lost = true;
+        return r;
+}
+
+/* Applies a batch as one transaction; when SQLite loses the transaction midway, the writes
+ * run so far fail and the rest continue in a fresh transaction. */
+static void run_batch(struct hub_store *s, struct store_write *batch) {
+        struct store_write *seg = batch;
+
+        while (seg) {
+                struct store_write *w, *end = NULL;
+                uint64_t t0 = mono_now(s), n = 0;
+                int failure = 0, rc;
+
+                rc = exec(s->wdb, "BEGIN IMMEDIATE");
+                if (rc != SQLITE_OK) {
+                        failure = db_errno(s->wdb, rc);
+                        for (w = seg; w; w = w->next, n++)
+                                w->result = failure;
+                        end = NULL;
+                } else {
+                        for (w = seg; w; w = w->next) {
+                                bool lost;
+
+                                n++;
+                                w->result = run_one(s, w, &lost);
+                                if (lost) {
+                                        failure = w->result < 0 ? w->result : -EIO;
+                                        break;
+                                }
+                        }
+                        end = w ? w->next : NULL;
+
+                        if (failure == 0) {
+                                rc = exec(s->wdb, "COMMIT");
+                                if (rc != SQLITE_OK) {
+                                        failure = db_errno(s->wdb, rc);
+                                        if (!sqlite3_get_autocommit(s->wdb))
+                                                (void) exec(s->wdb, "ROLLBACK");
+                                }
+                        } else if (!sqlite3_get_autocommit(s->wdb))
+                                (void) exec(s->wdb, "ROLLBACK");
+
+                        if (failure < 0)
+                                /* Nothing of this group is in the database: all of it fails. */
+                                for (w = seg; w != end; w = w->next)
+                                        w->result = failure;
+                }
+
+                uint64_t dt = mono_now(s) - t0;
+                pthread_mutex_lock(&s->lock);
+                if (failure < 0)
+                        s->stats.failed_commits++;
+                else {
+                        s->stats.commits++;
+                        s->stats.writes += n;
+                        s->stats.last_batch = n;
+                        s->stats.max_batch = MAX(s->stats.max_batch, n);
+                        s->stats.last_commit_usec = dt;
+                        s->stats.total_commit_usec += dt;
+                }
+                pthread_mutex_unlock(&s->lock);
+
+                if (failure < 0)
+                        hub_log_debug(s->log, "store: group of %llu writes failed: %s", (unsigned long long) n,
+                                      strerror(-failure));
+                seg = end;
+        }
+}
+
+static void *commit_thread(void *userdata) {
+        struct hub_store *s = userdata;
+
+        pthread_mutex_lock(&s->lock);
+        for (;;) {
+                struct store_write *batch, *w, *next;
+                uint64_t n = 0;
+                bool notify = false;
+
+                while (!s->queue && !s->stopping)
+                        pthread_cond_wait(&s->cond, &s->lock);
+                if (!s->queue)
+                        break; /* stopping, and everything is drained */
+
+                /* Take everything that arrived while the previous commit ran. */
+                batch = s->queue;
+                s->queue = s->queue_tail = NULL;
+                s->commit_started = mono_now(s);
+                pthread_mutex_unlock(&s->lock);
+
+                run_batch(s, batch);
+
+                pthread_mutex_lock(&s->lock);
+                s->commit_started = 0;
+                for (w = batch; w; w = next) {
+                        next = w->next;
+                        w->next = NULL;
+                        n++;
+                        if (w->waiter) {
+                                w->waiter->result = w->result;
+                                w->waiter->done = true;
+                                pthread_cond_signal(&w->waiter->cond);
+                                free(w);
+                        } else if (w->done) {
+                                if (s->done_tail)
+                                        s->done_tail->next = w;
+                                else
+                                        s->done = w;
+                                s->done_tail = w;
+                                notify = true;
+                        } else
+                                free(w);
+                }
+                s->stats.pending -= MIN(n, s->stats.pending);
+                if (notify) {
+                        uint64_t one = 1;
+                        /* EAGAIN only when the counter is saturated: it is readable anyway. */
+                        (void) !write(s->efd, &one, sizeof one);
+                }
+        }
+        s->thread_exited = true;
+        pthread_mutex_unlock(&s->lock);
+        return NULL;
+}
+
+/* ---- submitting and dispatching ------------------------------------------------------- */
+
+static int enqueue(struct hub_store *s, struct store_write *w) {
+        /* Caller holds s->lock. */
+        if (s->stopping)
+                return -ESHUTDOWN;
+        if (s->queue_tail)
+                s->queue_tail->next = w;
+        else
+                s->queue = w;
+        s->queue_tail = w;
+        s->stats.pending++;
+        pthread_cond_signal(&s->cond);
+        return 0;
+}
+
+int hub_store_submit(struct hub_store *s, hub_store_write_fn fn, hub_store_done_fn done, void *userdata) {
+        struct store_write *w;
+        int r;
+
+        if (!s || !fn)
+                return -EINVAL;
+        w = calloc(1, sizeof *w);
+        if (!w)
+                return -ENOMEM;
+        *w = (struct store_write) { .fn = fn, .done = done, .userdata = userdata };
+
+        pthread_mutex_lock(&s->lock);
+        r = enqueue(s, w);
+        pthread_mutex_unlock(&s->lock);
+        if (r < 0)
+                free(w);
+        return r;
+}
+
+int hub_store_submit_wait(struct hub_store *s, hub_store_write_fn fn, void *userdata) {
+        struct store_waiter waiter = { .done = false, .result = 0 };
+        struct store_write *w;
+        int r;
+
+        if (!s || !fn)
+                return -EINVAL;
+        if (s->thread_started && pthread_equal(pthread_self(), s->thread))
+                return -EDEADLK; /* called from a write function */
+
+        w = calloc(1, sizeof *w);
+        if (!w)
+                return -ENOMEM;
+        *w = (struct store_write) { .fn = fn, .userdata = userdata, .waiter = &waiter };
+        if (pthread_cond_init(&waiter.cond, NULL) != 0) {
+                free(w);
+                return -ENOMEM;
+        }
+
+        pthread_mutex_lock(&s->lock);
+        r = enqueue(s, w);
+        if (r >= 0) {
+                /* The commit thread frees w and signals under the lock. */
+                while (!waiter.done)
+                        pthread_cond_wait(&waiter.cond, &s->lock);
+                r = waiter.result;
+        }
+        pthread_mutex_unlock(&s->lock);
+
+        if (!waiter.done)
+                free(w);
+        pthread_cond_destroy(&waiter.cond);
+        return r;
+}
+
+int hub_store_dispatch(struct hub_store *s) {
+        struct store_write *list, *next;
+        uint64_t v;
+        int n = 0;
+
+        if (!s)
+                return -EINVAL;
+
+        /* Drain first: a completion posted after this read re-arms the fd. */
+        (void) !read(s->efd, &v, sizeof v);
+
+        pthread_mutex_lock(&s->lock);
+        list = s->done;
+        s->done = s->done_tail = NULL;
+        pthread_mutex_unlock(&s->lock);
+
+        for (; list; list = next) {
+                next = list->next;
+                list->done(list->result, list->userdata);
+                free(list);
+                n++;
+        }
+        return n;
+}
+
+bool hub_store_healthy(struct hub_store *s, uint64_t now_mono_usec) {
+        bool ok;
+
+        if (!s)
+                return false;
+        pthread_mutex_lock(&s->lock);
+        ok = !s->thread_exited;
+        if (ok && s->commit_started != 0 && now_mono_usec > s->commit_started &&
+            now_mono_usec - s->commit_started > s->stall_timeout)
+                ok = false;
+        pthread_mutex_unlock(&s->lock);
+        return ok;
+}
+
+void hub_store_get_stats(struct hub_store *s, struct hub_store_stats *ret) {
+        struct stat st;
+
+        if (!s || !ret)
+                return;
+        pthread_mutex_lock(&s->lock);
+        *ret = s->stats;
+        pthread_mutex_unlock(&s->lock);
+        ret->db_bytes = stat(s->path, &st) == 0 ? (uint64_t) st.st_size : 0;
+}
+
+/* ---- open ----------------------------------------------------------------------------- */
+
+static int ensure_dir(const struct hub_store_options *opts) {
+        struct stat st;
+
+        if (mkdir(opts->dir, 0700) < 0) {
+                int r = -errno;
+                if (r != -EEXIST) {
+                        set_err(opts, "cannot create the state directory %s: %s (its parent must exist)",
+                                opts->dir, strerror(-r));
+                        return r;
+                }
+        }
+        if (stat(opts->dir, &st) < 0) {
+                int r = -errno;
+                set_err(opts, "cannot access the state directory %s: %s", opts->dir, strerror(-r));
+                return r;
+        }
+        if (!S_ISDIR(st.st_mode)) {
+                set_err(opts, "the state directory %s is not a directory", opts->dir);
+                return -ENOTDIR;
+        }
+        /* Holds keys: 0700, whatever the umask, when it is ours to change. */
+        if (st.st_uid == geteuid() && (st.st_mode & 07777) != 0700 && chmod(opts->dir, 0700) < 0) {
+                int r = -errno;
+                set_err(opts, "cannot make the state directory %s private (chmod 0700): %s", opts->dir,
+                        strerror(-r));
+                return r;
+        }
+        return 0;
+}
+
+/* Creates the database file 0600 (umask-independent) or tightens an existing one. */
+static int ensure_db_file(const struct hub_store_options *opts, const char *path, bool *ret_existed) {
+        _cleanup_close_ int fd = -EBADF;
+        bool existed = false;
+        struct stat st;
+
+        fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+        if (fd < 0 && errno == EEXIST) {
+                existed = true;
+                fd = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+        }
+        if (fd < 0) {
+                int r = -errno;
+                set_err(opts, "cannot open %s: %s", path, strerror(-r));
+                return r;
+        }
+        if (fstat(fd, &st) < 0) {
+                int r = -errno;
+                set_err(opts, "cannot stat %s: %s", path, strerror(-r));
+                return r;
+        }
+        if (!S_ISREG(st.st_mode)) {
+                set_err(opts, "%s is not a regular file", path);
+                return -EINVAL;
+        }
+        if (st.st_uid == geteuid() && (st.st_mode & 07777) != 0600 && fchmod(fd, 0600) < 0) {
+                int r = -errno;
+                set_err(opts, "cannot make %s private (chmod 0600): %s", path, strerror(-r));
+                return r;
+        }
+        /* SQLite gives its -wal and -shm files the database's mode; fix leftovers too. */
+        for (unsigned i = 0; i < 2; i++) {
+                char side[4096];
+                snprintf(side, sizeof side, "%s%s", path, i == 0 ? "-wal" : "-shm");
+                if (stat(side, &st) == 0 && st.st_uid == geteuid() && (st.st_mode & 07777) != 0600)
+                        (void) chmod(side, 0600);
+        }
+
+        *ret_existed = existed;
+        return 0;
+}
+
+/* Turns an SQLite failure during open into -errno plus a message saying what to do. */
+static int open_fail(const struct hub_store_options *opts, const char *path, sqlite3 *db, int rc,
+                     const char *what) {
+        int r = db_errno(db, rc);
+
+        if (r == -EBADMSG)
+                set_err(opts,
+                        "%s is not a fieldhub database or is corrupt (%s: %s); move it away and restore a "
+                        "backup, or remove it to start empty",
+                        path, what, db ? sqlite3_errmsg(db) : sqlite3_errstr(rc));
+        else if (r == -ENOSPC)
+                set_err(opts, "the disk holding %s is full (%s); free some space and restart", path, what);
+        else
+                set_err(opts, "%s: %s: %s", path, what, db ? sqlite3_errmsg(db) : sqlite3_errstr(rc));
+        return r;
+}
+
+static int exec_pragma(const struct hub_store_options *opts, const char *path, sqlite3 *db,
+                       const char *sql, const char *expect) {
+        sqlite3_stmt *st = NULL;
+        int rc;
+
+        rc = sqlite3_prepare_v2(db, sql, -1, &st, NULL);
+        if (rc == SQLITE_OK) {
+                rc = sqlite3_step(st);
+                if (rc == SQLITE_ROW && expect) {
+                        const char *v = (const char *) sqlite3_column_text(st, 0);
+                        if (!v || strcasecmp(v, expect) != 0) {
+                                set_err(opts, "%s: \"%s\" gave \"%s\", expected \"%s\"", path, sql,
+                                        v ? v : "(null)", expect);
+                                sqlite3_finalize(st);
+                                return -EIO;
+                        }
+                }
+                if (rc == SQLITE_ROW || rc == SQLITE_DONE)
+                        rc = SQLITE_OK;
+        }
+        sqlite3_finalize(st);
+        if (rc != SQLITE_OK)
+                return open_fail(opts, path, db, rc, sql);
+        return 0;
+}
+
+struct check_progress {
+        const struct hub_store_options *opts;
+        uint64_t start, last;
+};
+
+static int check_progress_cb(void *userdata) {
+        struct check_progress *c = userdata;
+        uint64_t now = hub_clock_mono(c->opts->clock);
+
+        if (now - c->last >= USEC_PER_SEC) {
+                c->last = now;
+                c->opts->check_progress(c->opts->userdata, now - c->start);
+        }
+        return 0;
+}
+
+static int quick_check(const struct hub_store_options *opts, const char *path, sqlite3 *db) {
+        struct check_progress cp = { .opts = opts };
+        sqlite3_stmt *st = NULL;
+        char first[256] = "";
+        bool ok = false;
+        int rc;
+
+        if (opts->check_progress) {
+                cp.start = cp.last = hub_clock_mono(opts->clock);
+                sqlite3_progress_handler(db, STORE_PROGRESS_OPS, check_progress_cb, &cp);
+        }
+
+        rc = sqlite3_prepare_v2(db, "PRAGMA quick_check", -1, &st, NULL);
+        while (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+                const char *v = (const char *) sqlite3_column_text(st, 0);
+                if (!first[0]) {
+                        snprintf(first, sizeof first, "%s", v ? v : "(null)");
+                        ok = v && streq(v, "ok");
+                }
+                rc = SQLITE_OK;
+        }
+        sqlite3_finalize(st);
+        sqlite3_progress_handler(db, 0, NULL, NULL);
+
+        if (rc != SQLITE_DONE)
+                return open_fail(opts, path, db, rc, "integrity check");
+        if (!ok) {
+                set_err(opts,
+                        "%s failed its integrity check after an unclean stop (%s); restore a backup or "
+                        "move the file away to start empty",
+                        path, first);
+                return -EBADMSG;
+        }
+        return 0;
+}
+
+static int read_clean_mark(const struct hub_store_options *opts, const char *path, sqlite3 *db,
+                           bool *ret_clean) {
+        sqlite3_stmt *st = NULL;
+        bool clean = false;
+        int rc;
+
+        rc = sqlite3_prepare_v2(db, "SELECT value FROM meta WHERE key = 'clean_shutdown'", -1, &st, NULL);
+        if (rc == SQLITE_OK) {
+                rc = sqlite3_step(st);
+                if (rc == SQLITE_ROW) {
+                        const char *v = (const char *) sqlite3_column_text(st, 0);
+                        clean = v && streq(v, "1");
+                        rc = SQLITE_DONE;
+                }
+        }
+        sqlite3_finalize(st);
+        if (rc != SQLITE_DONE)
+                return open_fail(opts, path, db, rc, "reading the clean-shutdown mark");
+        *ret_clean = clean;
+        return 0;
+}
+
+static int write_meta_open(const struct hub_store_options *opts, struct hub_store *s, bool new_db) {
+        char sql[256], ts[32];
+        int rc;
+
+        rc = exec(s->wdb, "BEGIN IMMEDIATE");
+        if (rc == SQLITE_OK && new_db) {
+                snprintf(sql, sizeof sql, "INSERT OR IGNORE INTO meta (key, value) VALUES ('created_at', '%s')",
+                         hub_time_format_iso8601(hub_clock_now(s->clock), ts));
+                rc = exec(s->wdb, sql);
+        }
+        if (rc == SQLITE_OK)
+                rc = exec(s->wdb, "INSERT OR REPLACE INTO meta (key, value) VALUES ('clean_shutdown', '0')");
+        if (rc == SQLITE_OK)
+                rc = exec(s->wdb, "COMMIT");
+        if (rc != SQLITE_OK) {
+                int r = open_fail(opts, s->path, s->wdb, rc, "marking the store open");
+                if (!sqlite3_get_autocommit(s->wdb))
+                        (void) exec(s->wdb, "ROLLBACK");
+                return r;
+        }
+        return 0;
+}
+
+static void store_free(struct hub_store *s) {
+        struct store_write *w, *next;
+
+        if (!s)
+                return;
+        if (s->rdb)
+                (void) sqlite3_close(s->rdb);
+        if (s->wdb)
+                (void) sqlite3_close(s->wdb);
+        if (s->efd >= 0)
+                (void) close(s->efd);
+        for (w = s->done; w; w = next) {
+                next = w->next;
+                free(w);
+        }
+        if (s->lock_initialized) {
+                pthread_cond_destroy(&s->cond);
+                pthread_mutex_destroy(&s->lock);
+        }
+        free(s->dir);
+        free(s->path);
+        free(s);
+}
+
+int hub_store_open(const struct hub_store_options *opts, struct hub_store **ret_store) {
+        struct hub_store *s;
+        bool existed = false, clean = true;
+        int version = 0, r, rc;
+
+        if (!opts || !ret_store)
+                return -EINVAL;
+        if (opts->errbuf && opts->errbuf_size)
+                opts->errbuf[0] = 0;
+        if (!opts->dir || !*opts->dir || !opts->clock) {
+                set_err(opts, "store options need a state directory and a clock");
+                return -EINVAL;
+        }
+
+        s = calloc(1, sizeof *s);
+        if (!s)
+                return -ENOMEM;
+        s->efd = -EBADF;
+        s->clock = opts->clock;
+        s->log = opts->log;
+        s->stall_timeout = opts->stall_timeout_usec ? opts->stall_timeout_usec : STORE_DEFAULT_STALL_USEC;
+        s->dir = strdup(opts->dir);
+        if (!s->dir || asprintf(&s->path, "%s/%s", opts->dir, HUB_STORE_FILE_NAME) < 0) {
+                s->path = NULL;
+                r = -ENOMEM;
+                goto fail;
+        }
+
+        r = ensure_dir(opts);
+        if (r < 0)
+                goto fail;
+        r = ensure_db_file(opts, s->path, &existed);
+        if (r < 0)
+                goto fail;
+
+        rc = sqlite3_open_v2(s->path, &s->wdb, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL);
+        if (rc != SQLITE_OK) {
+                r = open_fail(opts, s->path, s->wdb, rc, "opening");
+                goto fail;
+        }
+        (void) sqlite3_extended_result_codes(s->wdb, 1);
+        (void) sqlite3_busy_timeout(s->wdb, STORE_BUSY_TIMEOUT_MS);
+
+        /* The version first: a newer store is refused before anything touches it. */
+        r = hub_store_schema_version(s->wdb, &version, opts->errbuf, opts->errbuf_size);
+        if (r < 0) {
+                int ec = sqlite3_errcode(s->wdb) & 0xff;
+                if (r == -EBADMSG && (ec == SQLITE_NOTADB || ec == SQLITE_CORRUPT))
+                        set_err(opts,
+                                "%s is not a fieldhub database or is corrupt (%s); move it away and restore "
+                                "a backup, or remove it to start empty",
+                                s->path, sqlite3_errmsg(s->wdb));
+                goto fail;
+        }
+        if (version > HUB_STORE_SCHEMA_VERSION) {
+                set_err(opts, "%s was written by a newer fieldhub (schema %d, this build knows %d); refusing to open it",
+                        s->path, version, HUB_STORE_SCHEMA_VERSION);
+                r = -EPROTONOSUPPORT;
+                goto fail;
+        }
+
+        r = exec_pragma(opts, s->path, s->wdb, "PRAGMA journal_mode = WAL", "wal");
+        if (r >= 0)
+                r = exec_pragma(opts, s->path, s->wdb, "PRAGMA synchronous = FULL", NULL);
+        if (r >= 0)
+                r = exec_pragma(opts, s->path, s->wdb, "PRAGMA foreign_keys = ON", NULL);
+        if (r < 0)
+                goto fail;
+
+        if (version >= 1) {
+                r = read_clean_mark(opts, s->path, s->wdb, &clean);
+                if (r < 0)
+                        goto fail;
+                s->unclean = !clean;
+        }
+        if (s->unclean || opts->force_check) {
+                hub_log_debug(s->log, "store: %s, running quick_check on %s",
+                              s->unclean ? "previous run did not stop cleanly" : "check forced", s->path);
+                r = quick_check(opts, s->path, s->wdb);
+                if (r < 0)
+                        goto fail;
+        }
+
+        if (version < HUB_STORE_SCHEMA_VERSION) {
+                r = hub_store_schema_migrate(s->wdb, version, s->log, opts->errbuf, opts->errbuf_size);
+                if (r < 0) {
+                        if (r == -ENOSPC)
+                                set_err(opts, "the disk holding %s is full (schema migration); free some space and restart",
+                                        s->path);
+                        goto fail;
+                }
+        }
+
+        r = write_meta_open(opts, s, version == 0);
+        if (r < 0)
+                goto fail;
+
+        rc = sqlite3_open_v2(s->path, &s->rdb, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL);
+        if (rc != SQLITE_OK) {
+                r = open_fail(opts, s->path, s->rdb, rc, "opening the read connection");
+                goto fail;
+        }
+        (void) sqlite3_extended_result_codes(s->rdb, 1);
+        (void) sqlite3_busy_timeout(s->rdb, STORE_BUSY_TIMEOUT_MS);
+
+        s->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (s->efd < 0) {
+                r = -errno;
+                set_err(opts, "eventfd: %s", strerror(-r));
+                goto fail;
+        }
+
+        if (pthread_mutex_init(&s->lock, NULL) != 0) {
+                r = -ENOMEM;
+                goto fail;
+        }
+        if (pthread_cond_init(&s->cond, NULL) != 0) {
+                pthread_mutex_destroy(&s->lock);
+                r = -ENOMEM;
+                goto fail;
+        }
+        s->lock_initialized = true;
+
+        r = -pthread_create(&s->thread, NULL, commit_thread, s);
+        if (r < 0) {
+                set_err(opts, "cannot start the store's commit thread: %s", strerror(-r));
+                goto fail;
+        }
+        s->thread_started = true;
+        s->opened = true;
+
+        hub_log_debug(s->log, "store: opened %s (schema %d%s%s)", s->path, HUB_STORE_SCHEMA_VERSION,
+                      existed ? "" : ", new", version < HUB_STORE_SCHEMA_VERSION ? ", migrated" : "");
+        *ret_store = s;
+        return 0;
+
+fail:
+        store_free(s);
+        return r;
+}
+
+/* ---- close ---------------------------------------------------------------------------- */
+
+struct hub_store *hub_store_close(struct hub_store *s) {
+        int rc;
+
+        if (!s)
+                return NULL;
+
+        if (s->thread_started) {
+                pthread_mutex_lock(&s->lock);
+                s->stopping = true;
+                pthread_cond_broadcast(&s->cond);
+                pthread_mutex_unlock(&s->lock);
+                (void) pthread_join(s->thread, NULL);
+                s->thread_started = false;
+        }
+        /* Completions of the drained writes; new submissions now fail with -ESHUTDOWN. */
+        (void) hub_store_dispatch(s);
+
+        if (s->rdb) {
+                (void) sqlite3_close(s->rdb);
+                s->rdb = NULL;
+        }
+        if (s->opened && s->wdb) {
+                rc = exec(s->wdb, "INSERT OR REPLACE INTO meta (key, value) VALUES ('clean_shutdown', '1')");
+                if (rc != SQLITE_OK)
+                        hub_log_debug(s->log, "store: cannot record a clean shutdown: %s", sqlite3_errmsg(s->wdb));
+                rc = exec(s->wdb, "PRAGMA wal_checkpoint(TRUNCATE)");
+                if (rc != SQLITE_OK)
+                        hub_log_debug(s->log, "store: final checkpoint failed: %s", sqlite3_errmsg(s->wdb));
+        }
+        hub_log_debug(s->log, "store: closed %s", s->path);
+        store_free(s);
+        return NULL;
+}
+
+/* ---- backup --------------------------------------------------------------------------- */
+
+static int fsync_parent_dir(const char *path) {
+        _cleanup_free_ char *dir = strdup(path);
+        _cleanup_close_ int fd = -EBADF;
+        char *slash;
+
+        if (!dir)
+                return -ENOMEM;
+        slash = strrchr(dir, '/');
+        if (!slash)
+                strcpy(dir, ".");
+        else if (slash == dir)
+                slash[1] = 0;
+        else
+                *slash = 0;
+
+        fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (fd < 0)
+                return -errno;
+        if (fsync(fd) < 0)
+                return -errno;
+        return 0;
+}
+
+int hub_store_backup(struct hub_store *s, const char *path) {
+        _cleanup_free_ char *tmp = NULL;
+        _cleanup_close_ int fd = -EBADF;
+        sqlite3 *dst = NULL;
+        sqlite3_backup *b;
+        int rc, r;
+
+        if (!s || !path || !*path || !s->rdb)
+                return -EINVAL;
+        if (asprintf(&tmp, "%s.tmp", path) < 0) {
+                tmp = NULL;
+                return -ENOMEM;
+        }
+
+        (void) unlink(tmp);
+        fd = open(tmp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+        if (fd < 0)
+                return -errno;
+        if (fchmod(fd, 0600) < 0) {
+                r = -errno;
+                goto fail;
+        }
+
+        rc = sqlite3_open_v2(tmp, &dst, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL);
+        if (rc != SQLITE_OK) {
+                r = db_errno(dst, rc);
+                goto fail;
+        }
+        b = sqlite3_backup_init(dst, "main", s->rdb, "main");
+        if (!b) {
+                r = db_errno(dst, sqlite3_errcode(dst));
+                goto fail;
+        }
+        for (unsigned tries = 0;; tries++) {
+                rc = sqlite3_backup_step(b, -1);
+                if ((rc != SQLITE_BUSY && rc != SQLITE_LOCKED) || tries >= 100)
+                        break;
+                sqlite3_sleep(50);
+        }
+        (void) sqlite3_backup_finish(b);
+        if (rc != SQLITE_DONE) {
+                r = db_errno(dst, rc);
+                goto fail;
+        }
+        rc = sqlite3_close(dst);
+        dst = NULL;
+        if (rc != SQLITE_OK) {
+                r = hub_store_errno(rc);
+                goto fail;
+        }
+
+        if (fsync(fd) < 0 || rename(tmp, path) < 0) {
+                r = -errno;
+                goto fail;
+        }
+        r = fsync_parent_dir(path);
+        if (r < 0)
+                return r;
+        hub_log_debug(s->log, "store: backup written to %s", path);
+        return 0;
+
+fail:
+        if (dst)
+                (void) sqlite3_close(dst);
+        (void) unlink(tmp);
+        return r;
+}

@@ -19,7 +19,8 @@ struct hub_clock {
 /* A clock backed by clock_gettime(). The returned struct is static. */
 HUB_EXPORT const struct hub_clock *hub_clock_system(void);
 
-/* A fake clock for tests: starts at the given times, moves only when told. */
+/* A fake clock for tests: starts at the given times (monotonic at 1 s), moves only when
+ * told. Reads and advances are atomic, so a store's commit thread may read it. */
 struct hub_fake_clock {
         struct hub_clock clock;
         uint64_t realtime;
@@ -42,4 +43,7 @@ static inline uint64_t hub_clock_mono(const struct hub_clock *c) {
  * ("2016-06-01T21:22:43.7996883Z"), or "0001-01-01T00:00:00Z" for 0. buf >= 32 bytes. */
 HUB_EXPORT char *hub_time_format_iso8601(uint64_t usec, char buf[static 32]);
 /* Parses ISO 8601 UTC (with or without fraction and Z). -EINVAL if malformed. */
+/* Accepts "YYYY-MM-DDTHH:MM:SS", an optional fraction of any number of digits (truncated to
+ * microseconds), then nothing, "Z" or a "+HH:MM"/"-HH:MM" offset (applied). The "never"
+ * value "0001-01-01T00:00:00Z" parses to 0; other times before the epoch give -ERANGE. */
 HUB_EXPORT int hub_time_parse_iso8601(const char *s, uint64_t *ret_usec);

@@ -18,7 +18,8 @@ struct hub_log {
         void *userdata;
 };
 
-void hub_log_emit(const struct hub_log *log, int level, const char *file, int line, const char *func,
+/* Calls log->fn; does nothing when log or log->fn is NULL. */
+HUB_EXPORT void hub_log_emit(const struct hub_log *log, int level, const char *file, int line, const char *func,
                   const char *fmt, ...) _printf_(6, 7);
 
 #define hub_log_debug(log, ...) hub_log_emit((log), LOG_DEBUG, __FILE__, __LINE__, __func__, __VA_ARGS__)

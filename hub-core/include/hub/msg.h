@@ -50,7 +50,8 @@ struct hub_msg_prop {
         char *value; /* NULL = a property with no value (`key` alone in a bag) */
 };
 
-/* Names of a system property in each vocabulary, or NULL where it has none. */
+/* Names of a system property in each vocabulary, or NULL where it has none. Note that the
+ * MQTT name of HUB_SYS_ACK is "iothub-ack" (sent without "$.", reference §2.6). */
 HUB_EXPORT const char *hub_sys_prop_mqtt_name(enum hub_sys_prop p);   /* "$.mid" */
 HUB_EXPORT const char *hub_sys_prop_query_name(enum hub_sys_prop p);  /* "$messageId" */
 HUB_EXPORT const char *hub_sys_prop_wire_name(enum hub_sys_prop p);   /* "message-id", "iothub-enqueuedtime" */
@@ -74,7 +75,8 @@ HUB_EXPORT int hub_msg_set_sys(struct hub_msg *m, enum hub_sys_prop p, const cha
 HUB_EXPORT const char *hub_msg_get_sys(const struct hub_msg *m, enum hub_sys_prop p);
 
 /* Adds or replaces an application property (names are case-sensitive). value may be NULL.
- * -E2BIG over the size limit or HUB_MSG_MAX_PROPS. */
+ * -E2BIG over the size limit or HUB_MSG_MAX_PROPS; -EINVAL for an empty name. A replaced
+ * property keeps its position (hub_msg_prop_at() lists them in insertion order). */
 HUB_EXPORT int hub_msg_set_prop(struct hub_msg *m, const char *name, const char *value);
 /* Returns the property, or NULL (and *ret_found=false) when absent. ret_found may be NULL. */
 HUB_EXPORT const char *hub_msg_get_prop(const struct hub_msg *m, const char *name, bool *ret_found);
@@ -88,6 +90,8 @@ HUB_EXPORT size_t hub_msg_size(const struct hub_msg *m);
 
 /* A self-describing, versioned binary encoding for the store. serialize returns a malloc'd
  * buffer. deserialize validates everything and returns -EBADMSG on any malformed input
- * (fuzzed: it reads bytes from disk). */
+ * (fuzzed: it reads bytes from disk), including a message over limit, an id over
+ * HUB_MSG_ID_MAX_LEN and trailing bytes. The encoding is canonical: serialize(deserialize(b))
+ * == b. The format is described at the top of msg.c. */
 HUB_EXPORT int hub_msg_serialize(const struct hub_msg *m, uint8_t **ret_buf, size_t *ret_len);
 HUB_EXPORT int hub_msg_deserialize(const uint8_t *buf, size_t len, size_t limit, struct hub_msg **ret_msg);

@@ -29,7 +29,7 @@ struct hub_store;
 struct hub_store_txn; /* the open transaction, valid only inside a write function */
 
 /* The schema version this build writes. */
-#define HUB_STORE_SCHEMA_VERSION 1
+#define HUB_STORE_SCHEMA_VERSION 3
 #define HUB_STORE_FILE_NAME "fieldhub.db"
 
 struct hub_store_options {
@@ -73,15 +73,16 @@ typedef int (*hub_store_write_fn)(struct hub_store_txn *txn, void *userdata);
  * in which case nothing of the write is in the database. */
 typedef void (*hub_store_done_fn)(int result, void *userdata);
 
-/* Queues a write. Never blocks on I/O. done may be NULL. Returns 0, -ENOMEM, or
+/* Queues a write. Never blocks on I/O; may be called from any thread. done may be NULL. Returns 0, -ENOMEM, or
  * -ESHUTDOWN once close has begun. userdata must stay valid until done has run (or, when
  * done is NULL, until the write function has run). */
 HUB_EXPORT int hub_store_submit(struct hub_store *s, hub_store_write_fn fn, hub_store_done_fn done,
                                 void *userdata);
 
 /* Queues a write and blocks until its group has committed. Returns the write's result or
- * the commit's failure. For rare operations (registry changes) on the owner's thread; it
- * delivers no other completions. Must not be called from a write function. */
+ * the commit's failure, or -ESHUTDOWN once close has begun. For rare operations (registry
+ * changes) on the owner's thread; it delivers no other completions. Must not be called from
+ * a write function (-EDEADLK). */
 HUB_EXPORT int hub_store_submit_wait(struct hub_store *s, hub_store_write_fn fn, void *userdata);
 
 /* An fd (eventfd) that polls readable when completions wait for hub_store_dispatch(). */
@@ -112,5 +113,8 @@ HUB_EXPORT bool hub_store_was_unclean(struct hub_store *s);
 HUB_EXPORT const char *hub_store_path(struct hub_store *s);
 
 /* Consistent online copy of the whole database into path (SQLite backup API), written to a
- * temporary file, fsynced and renamed. Blocks; call from the owner's thread. */
+ * temporary file, fsynced and renamed. Blocks; call from the owner's thread. The copy is mode
+ * 0600 and holds what the read connection sees (every dispatched write). Restored as a
+ * store, it counts as not cleanly closed, so quick_check runs on its first open. Returns 0
+ * or -errno (-ENOENT missing directory, -ENOSPC, ...). */
 HUB_EXPORT int hub_store_backup(struct hub_store *s, const char *path);

@@ -1,1 +1,647 @@
-/* placeholder: being written */
+/* SPDX-License-Identifier: MIT */
+/* fieldhub's configuration schema: which keys exist, their types, defaults and ranges, and
+ * how conf.d fragments are found and merged. Every check adds to the error collector and
+ * carries on, so that one --check-config run lists every problem. configs/README.md is the
+ * user-facing description of the same schema: keep them in step. */
+
+#include <dirent.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include <mbedtls/base64.h>
+
+#include "config.h"
+#include "fieldhub-paths.h"
+
+/* No adapter is compiled in yet; the Modbus, CoAP and serial adapters add their entries. */
+const struct gw_adapter_type gw_adapter_types[] = {
+        { NULL, NULL },
+};
+
+static const char *const log_level_names[] = {
+        [LOG_EMERG] = "emerg", [LOG_ALERT] = "alert",   [LOG_CRIT] = "crit", [LOG_ERR] = "err",
+        [LOG_WARNING] = "warning", [LOG_NOTICE] = "notice", [LOG_INFO] = "info", [LOG_DEBUG] = "debug",
+        NULL,
+};
+
+int gw_log_level_from_string(const char *s) {
+        if (!s)
+                return -EINVAL;
+        for (int i = 0; log_level_names[i]; i++)
+                if (streq(s, log_level_names[i]))
+                        return i;
+        if (s[0] >= '0' && s[0] <= '7' && s[1] == 0)
+                return s[0] - '0';
+        return -EINVAL;
+}
+
+const char *gw_log_level_to_string(int level) {
+        if (level < LOG_EMERG || level > LOG_DEBUG)
+                return NULL;
+        return log_level_names[level];
+}
+
+bool gw_host_name_is_valid(const char *s) {
+        size_t label = 0, total = 0;
+        char prev = 0;
+
+        if (!s || !*s)
+                return false;
+        for (const char *p = s; *p; p++, total++) {
+                char c = *p;
+                if (c == '.') {
+                        if (label == 0 || prev == '-')
+                                return false;
+                        label = 0;
+                } else if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-') {
+                        if (label == 0 && c == '-')
+                                return false;
+                        if (++label > 63)
+                                return false;
+                } else
+                        return false;
+                prev = c;
+        }
+        return label > 0 && prev != '-' && total <= 253;
+}
+
+static void strv_free(char **v) {
+        for (size_t i = 0; v && v[i]; i++)
+                free(v[i]);
+        free(v);
+}
+
+static int strv_push(char ***v, size_t *n, const char *s) {
+        char *d = strdup(s);
+        if (!d)
+                return -ENOMEM;
+        char **nv = realloc(*v, (*n + 2) * sizeof(char *));
+        if (!nv) {
+                free(d);
+                return -ENOMEM;
+        }
+        nv[(*n)++] = d;
+        nv[*n] = NULL;
+        *v = nv;
+        return 0;
+}
+
+static void wipe_string(char *s) {
+        if (s) {
+                hub_explicit_bzero(s, strlen(s));
+                free(s);
+        }
+}
+
+struct gw_config *gw_config_free(struct gw_config *c) {
+        if (!c)
+                return NULL;
+        free(c->host_name);
+        strv_free(c->host_aliases);
+        free(c->state_dir);
+        free(c->admin_socket);
+        for (size_t i = 0; i < c->n_policy_keys; i++) {
+                free(c->policy_keys[i].name);
+                wipe_string(c->policy_keys[i].primary_key);
+                wipe_string(c->policy_keys[i].secondary_key);
+        }
+        free(c->policy_keys);
+        for (size_t i = 0; i < c->n_adapters; i++) {
+                free(c->adapters[i].type);
+                free(c->adapters[i].name);
+        }
+        free(c->adapters);
+        adp_conf_node_free(c->tree);
+        strv_free(c->sources);
+        free(c);
+        return NULL;
+}
+
+/* ---- the schema ------------------------------------------------------------------------- */
+
+static const char *const top_keys[] = { "hub", "state_dir", "log", "store", "admin", "adapters", NULL };
+static const char *const hub_keys[] = { "host_name", "host_aliases", "policies", NULL };
+static const char *const log_keys[] = { "level", "target", "rate_limit", NULL };
+static const char *const rate_keys[] = { "interval", "burst", NULL };
+static const char *const store_keys[] = { "stall_timeout", "check_on_start", NULL };
+static const char *const admin_keys[] = { "socket", NULL };
+static const char *const policy_item_keys[] = { "name", "key_file", "key_credential", "secondary_key_file",
+                                                "secondary_key_credential", NULL };
+static const char *const policy_names[] = { "iothubowner", "service", "device", "registryRead",
+                                            "registryReadWrite", NULL };
+static const char *const log_targets[] = { [GW_LOG_TARGET_AUTO] = "auto", [GW_LOG_TARGET_JOURNAL] = "journal",
+                                           [GW_LOG_TARGET_STDERR] = "stderr", NULL };
+
+#define HOST_NAME_RULES \
+        "labels of 1 to 63 letters, digits or '-' (not starting or ending with '-'), at most 253 characters"
+
+/* Validates a host name at n; 0 or -EINVAL after an error. */
+static int check_host_name(const struct adp_conf_node *n, const char *s, struct adp_conf_errors *e) {
+        char found[128];
+
+        if (!gw_host_name_is_valid(s)) {
+                adp_conf_error(e, n, "found %s, expected a host name: " HOST_NAME_RULES,
+                               adp_conf_describe(n, found, sizeof found));
+                return -EINVAL;
+        }
+        if (!strchr(s, '.')) {
+                adp_conf_error(e, n, "found %s, expected a host name containing at least one dot",
+                               adp_conf_describe(n, found, sizeof found));
+                return -EINVAL;
+        }
+        return 0;
+}
+
+static int check_abs_path(const struct adp_conf_node *map, const char *key, size_t max_len,
+                          struct adp_conf_errors *e, char **field) {
+        const struct adp_conf_node *n = adp_conf_get(map, key);
+        const char *s;
+        char found[128];
+        int r;
+
+        r = adp_conf_get_string(map, key, false, e, &s);
+        if (r == -ENOENT)
+                return 0;
+        if (r < 0)
+                return r;
+        if (s[0] != '/') {
+                adp_conf_error(e, n, "found %s, expected an absolute path", adp_conf_describe(n, found, sizeof found));
+                return -EINVAL;
+        }
+        if (strlen(s) > max_len) {
+                adp_conf_error(e, n, "found a path of %zu characters, expected at most %zu", strlen(s), max_len);
+                return -EINVAL;
+        }
+        char *d = strdup(s);
+        if (!d)
+                return -ENOMEM;
+        free(*field);
+        *field = d;
+        return 0;
+}
+
+/* Reads one policy key (base "key" or "secondary_key") and checks that it is base64 of
+ * 16..64 bytes. Messages name the file, never the content. */
+static int read_policy_key(const struct adp_conf_node *item, const char *base, bool required,
+                           struct adp_conf_errors *e, char **ret) {
+        _cleanup_free_ char *origin = NULL;
+        const struct adp_conf_node *at = NULL;
+        char *secret = NULL;
+        unsigned char raw[GW_CONFIG_POLICY_KEY_MAX_BYTES + 4];
+        size_t olen = 0;
+        int r;
+
+        r = adp_conf_get_secret_full(item, base, required, e, &secret, &at, &origin);
+        if (r < 0)
+                return r;
+
+        size_t l = strlen(secret);
+        if (strpbrk(secret, " \t\r\n") || l == 0 || l % 4 != 0) {
+                r = -EINVAL;
+        } else {
+                r = mbedtls_base64_decode(raw, sizeof raw, &olen, (const unsigned char *) secret, l);
+                if (r == MBEDTLS_ERR_BASE64_BUFFER_TOO_SMALL)
+                        r = -E2BIG;
+                else if (r != 0)
+                        r = -EINVAL;
+        }
+        hub_explicit_bzero(raw, sizeof raw);
+        if (r == -EINVAL) {
+                adp_conf_error(e, at, "the key in %s is not valid base64, expected a base64 key of %d to %d bytes",
+                               origin, GW_CONFIG_POLICY_KEY_MIN_BYTES, GW_CONFIG_POLICY_KEY_MAX_BYTES);
+        } else if (r == -E2BIG || olen > GW_CONFIG_POLICY_KEY_MAX_BYTES) {
+                adp_conf_error(e, at, "the key in %s is longer than %d bytes, expected a base64 key of %d to %d bytes",
+                               origin, GW_CONFIG_POLICY_KEY_MAX_BYTES, GW_CONFIG_POLICY_KEY_MIN_BYTES,
+                               GW_CONFIG_POLICY_KEY_MAX_BYTES);
+                r = -EINVAL;
+        } else if (olen < GW_CONFIG_POLICY_KEY_MIN_BYTES) {
+                adp_conf_error(e, at, "the key in %s is %zu bytes once decoded, expected a base64 key of %d to %d bytes",
+                               origin, olen, GW_CONFIG_POLICY_KEY_MIN_BYTES, GW_CONFIG_POLICY_KEY_MAX_BYTES);
+                r = -EINVAL;
+        }
+        if (r < 0) {
+                wipe_string(secret);
+                return r;
+        }
+        *ret = secret;
+        return 0;
+}
+
+static int parse_policies(struct gw_config *c, const struct adp_conf_node *hub, struct adp_conf_errors *e) {
+        const struct adp_conf_node *seq;
+        int r;
+
+        r = adp_conf_get_seq(hub, "policies", false, e, &seq);
+        if (r < 0)
+                return r == -ENOENT ? 0 : r;
+
+        size_t n = adp_conf_len(seq);
+        c->policy_keys = calloc(n ? n : 1, sizeof(struct gw_policy_key));
+        if (!c->policy_keys)
+                return -ENOMEM;
+
+        for (size_t i = 0; i < n; i++) {
+                const struct adp_conf_node *item = adp_conf_at(seq, i);
+                int idx;
+
+                if (adp_conf_kind(item) != ADP_CONF_MAP) {
+                        char found[128];
+                        adp_conf_error(e, item, "found %s, expected a mapping with the keys: name, key_file or key_credential, and optionally secondary_key_file or secondary_key_credential",
+                                       adp_conf_describe(item, found, sizeof found));
+                        continue;
+                }
+                (void) adp_conf_check_keys(item, policy_item_keys, e);
+
+                r = adp_conf_get_enum(item, "name", true, policy_names, e, &idx);
+                if (r == 0) {
+                        for (size_t j = 0; j < c->n_policy_keys; j++)
+                                if (streq(c->policy_keys[j].name, policy_names[idx])) {
+                                        adp_conf_error(e, adp_conf_get(item, "name"),
+                                                       "duplicate policy \"%s\", expected each policy once",
+                                                       policy_names[idx]);
+                                        r = -EINVAL;
+                                }
+                }
+
+                char *primary = NULL, *secondary = NULL;
+                int rk = read_policy_key(item, "key", true, e, &primary);
+                int rs = read_policy_key(item, "secondary_key", false, e, &secondary);
+                if (rk == -ENOMEM || rs == -ENOMEM) {
+                        wipe_string(primary);
+                        wipe_string(secondary);
+                        return -ENOMEM;
+                }
+                if (r < 0 || rk < 0 || (rs < 0 && rs != -ENOENT)) {
+                        wipe_string(primary);
+                        wipe_string(secondary);
+                        continue;
+                }
+                struct gw_policy_key *p = &c->policy_keys[c->n_policy_keys];
+                p->name = strdup(policy_names[idx]);
+                p->primary_key = primary;
+                p->secondary_key = secondary;
+                c->n_policy_keys++;
+                if (!p->name)
+                        return -ENOMEM;
+        }
+        return 0;
+}
+
+static int parse_hub(struct gw_config *c, const struct adp_conf_node *root, struct adp_conf_errors *e) {
+        const struct adp_conf_node *hub, *aliases;
+        const char *s;
+        size_t n_aliases = 0;
+        int r;
+
+        r = adp_conf_get_map(root, "hub", true, e, &hub);
+        if (r < 0)
+                return r == -ENOMEM ? r : 0;
+        (void) adp_conf_check_keys(hub, hub_keys, e);
+
+        r = adp_conf_get_string(hub, "host_name", true, e, &s);
+        if (r == 0 && check_host_name(adp_conf_get(hub, "host_name"), s, e) == 0) {
+                c->host_name = strdup(s);
+                if (!c->host_name)
+                        return -ENOMEM;
+        }
+
+        r = adp_conf_get_seq(hub, "host_aliases", false, e, &aliases);
+        for (size_t i = 0; r == 0 && i < adp_conf_len(aliases); i++) {
+                const struct adp_conf_node *a = adp_conf_at(aliases, i);
+                if (adp_conf_parse_string(a, e, &s) < 0 || check_host_name(a, s, e) < 0)
+                        continue;
+                const char *dup = NULL;
+                if (c->host_name && strcasecmp(c->host_name, s) == 0)
+                        dup = "hub.host_name";
+                for (size_t j = 0; !dup && j < i; j++) {
+                        const struct adp_conf_node *o = adp_conf_at(aliases, j);
+                        if (adp_conf_scalar(o) && strcasecmp(adp_conf_scalar(o), s) == 0)
+                                dup = adp_conf_path(o);
+                }
+                if (dup) {
+                        adp_conf_error(e, a, "duplicate host name \"%s\" (already given as %s), expected each name once",
+                                       s, dup);
+                        continue;
+                }
+                if (strv_push(&c->host_aliases, &n_aliases, s) < 0)
+                        return -ENOMEM;
+        }
+
+        return parse_policies(c, hub, e);
+}
+
+static int parse_log(struct gw_config *c, const struct adp_conf_node *root, struct adp_conf_errors *e) {
+        const struct adp_conf_node *log, *rl;
+        const char *s;
+        int r, idx;
+
+        r = adp_conf_get_map(root, "log", false, e, &log);
+        if (r < 0)
+                return 0;
+        (void) adp_conf_check_keys(log, log_keys, e);
+
+        if (adp_conf_get_string(log, "level", false, e, &s) == 0) {
+                int level = gw_log_level_from_string(s);
+                if (level < 0) {
+                        char found[128];
+                        adp_conf_error(e, adp_conf_get(log, "level"),
+                                       "found %s, expected one of: emerg, alert, crit, err, warning, notice, info, debug",
+                                       adp_conf_describe(adp_conf_get(log, "level"), found, sizeof found));
+                } else
+                        c->log_level = level;
+        }
+        if (adp_conf_get_enum(log, "target", false, log_targets, e, &idx) == 0)
+                c->log_target = (enum gw_log_target) idx;
+
+        r = adp_conf_get_map(log, "rate_limit", false, e, &rl);
+        if (r == 0) {
+                uint64_t v;
+                (void) adp_conf_check_keys(rl, rate_keys, e);
+                (void) adp_conf_get_duration(rl, "interval", false, GW_CONFIG_LOG_RATE_INTERVAL_MIN_USEC,
+                                             GW_CONFIG_LOG_RATE_INTERVAL_MAX_USEC, e, &c->log_rate_interval_usec);
+                if (adp_conf_get_uint(rl, "burst", false, 1, GW_CONFIG_LOG_RATE_BURST_MAX, e, &v) == 0)
+                        c->log_rate_burst = (unsigned) v;
+        }
+        return 0;
+}
+
+static int parse_store(struct gw_config *c, const struct adp_conf_node *root, struct adp_conf_errors *e) {
+        const struct adp_conf_node *store;
+
+        if (adp_conf_get_map(root, "store", false, e, &store) < 0)
+                return 0;
+        (void) adp_conf_check_keys(store, store_keys, e);
+        (void) adp_conf_get_duration(store, "stall_timeout", false, GW_CONFIG_STALL_TIMEOUT_MIN_USEC,
+                                     GW_CONFIG_STALL_TIMEOUT_MAX_USEC, e, &c->store_stall_timeout_usec);
+        (void) adp_conf_get_bool(store, "check_on_start", false, e, &c->store_check_on_start);
+        return 0;
+}
+
+static int parse_admin(struct gw_config *c, const struct adp_conf_node *root, struct adp_conf_errors *e) {
+        const struct adp_conf_node *admin;
+
+        if (adp_conf_get_map(root, "admin", false, e, &admin) < 0)
+                return 0;
+        (void) adp_conf_check_keys(admin, admin_keys, e);
+        /* sun_path holds 108 bytes with the NUL. */
+        int r = check_abs_path(admin, "socket", 107, e, &c->admin_socket);
+        return r == -ENOMEM ? r : 0;
+}
+
+static bool adapter_name_is_valid(const char *s) {
+        size_t l = strlen(s);
+        if (l == 0 || l > 64)
+                return false;
+        for (const char *p = s; *p; p++)
+                if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
+                      *p == '_' || *p == '-' || *p == '.'))
+                        return false;
+        return true;
+}
+
+static int parse_adapters(struct gw_config *c, const struct adp_conf_node *root, struct adp_conf_errors *e) {
+        const struct adp_conf_node *seq;
+        char types[512];
+        size_t o = 0;
+
+        if (adp_conf_get_seq(root, "adapters", false, e, &seq) < 0)
+                return 0;
+
+        types[0] = 0;
+        for (size_t t = 0; gw_adapter_types[t].name; t++) {
+                int k = snprintf(types + o, sizeof types - o, "%s%s", t ? ", " : "", gw_adapter_types[t].name);
+                if (k < 0 || (size_t) k >= sizeof types - o)
+                        break;
+                o += (size_t) k;
+        }
+
+        size_t n = adp_conf_len(seq);
+        c->adapters = calloc(n ? n : 1, sizeof(struct gw_adapter_conf));
+        if (!c->adapters)
+                return -ENOMEM;
+
+        for (size_t i = 0; i < n; i++) {
+                const struct adp_conf_node *item = adp_conf_at(seq, i);
+                const struct gw_adapter_type *type = NULL;
+                const char *type_s, *name;
+                char found[128];
+                bool ok = true;
+
+                if (adp_conf_kind(item) != ADP_CONF_MAP) {
+                        adp_conf_error(e, item, "found %s, expected a mapping with the keys type, name and the adapter's own",
+                                       adp_conf_describe(item, found, sizeof found));
+                        continue;
+                }
+
+                if (adp_conf_get_string(item, "type", true, e, &type_s) == 0) {
+                        for (size_t t = 0; gw_adapter_types[t].name; t++)
+                                if (streq(gw_adapter_types[t].name, type_s))
+                                        type = &gw_adapter_types[t];
+                        if (!type)
+                                adp_conf_error(e, adp_conf_get(item, "type"), "found %s, expected one of: %s",
+                                               adp_conf_describe(adp_conf_get(item, "type"), found, sizeof found),
+                                               types[0] ? types : "(none in this build)");
+                }
+                if (!type)
+                        ok = false;
+
+                if (adp_conf_get_string(item, "name", true, e, &name) == 0) {
+                        const struct adp_conf_node *nn = adp_conf_get(item, "name");
+                        if (!adapter_name_is_valid(name)) {
+                                adp_conf_error(e, nn, "found %s, expected an adapter name of 1 to 64 letters, digits, '_', '-' or '.'",
+                                               adp_conf_describe(nn, found, sizeof found));
+                                ok = false;
+                        }
+                        for (size_t j = 0; j < i; j++) {
+                                const struct adp_conf_node *other = adp_conf_get(adp_conf_at(seq, j), "name");
+                                if (adp_conf_scalar(other) && streq(adp_conf_scalar(other), name)) {
+                                        adp_conf_error(e, nn, "duplicate adapter name \"%s\" (already given at %s), expected each name once",
+                                                       name, adp_conf_path(adp_conf_at(seq, j)));
+                                        ok = false;
+                                        break;
+                                }
+                        }
+                } else
+                        ok = false;
+
+                if (type && type->validate && type->validate(item, e) < 0)
+                        ok = false;
+                if (!ok)
+                        continue;
+
+                struct gw_adapter_conf *a = &c->adapters[c->n_adapters++];
+                a->type = strdup(type_s);
+                a->name = strdup(name);
+                a->node = item;
+                if (!a->type || !a->name)
+                        return -ENOMEM;
+        }
+        return 0;
+}
+
+int gw_config_from_tree(struct adp_conf_node *tree, struct gw_config **ret, struct adp_conf_errors *e) {
+        _cleanup_(adp_conf_node_freep) struct adp_conf_node *t = tree;
+        _cleanup_(gw_config_freep) struct gw_config *c = NULL;
+        size_t before = adp_conf_errors_total(e);
+        int r;
+
+        if (!ret || !tree)
+                return -EINVAL;
+
+        c = calloc(1, sizeof *c);
+        if (!c)
+                return -ENOMEM;
+        c->log_level = LOG_INFO;
+        c->log_target = GW_LOG_TARGET_AUTO;
+        c->log_rate_interval_usec = GW_CONFIG_LOG_RATE_INTERVAL_DEFAULT_USEC;
+        c->log_rate_burst = GW_CONFIG_LOG_RATE_BURST_DEFAULT;
+        c->store_stall_timeout_usec = GW_CONFIG_STALL_TIMEOUT_DEFAULT_USEC;
+        c->store_check_on_start = false;
+        c->state_dir = strdup(FIELDHUB_STATE_DIR);
+        c->admin_socket = strdup(FIELDHUB_ADMIN_SOCKET);
+        c->host_aliases = calloc(1, sizeof(char *));
+        c->sources = calloc(1, sizeof(char *));
+        if (!c->state_dir || !c->admin_socket || !c->host_aliases || !c->sources)
+                return -ENOMEM;
+
+        if (adp_conf_kind(t) != ADP_CONF_MAP && adp_conf_kind(t) != ADP_CONF_NULL) {
+                (void) adp_conf_check_keys(t, top_keys, e); /* "found ..., expected a mapping with the keys: ..." */
+                return -EINVAL;
+        }
+        (void) adp_conf_check_keys(t, top_keys, e);
+
+        r = parse_hub(c, t, e);
+        if (r < 0)
+                return r;
+        r = check_abs_path(t, "state_dir", 4000, e, &c->state_dir);
+        if (r == -ENOMEM)
+                return r;
+        r = parse_log(c, t, e);
+        if (r < 0)
+                return r;
+        r = parse_store(c, t, e);
+        if (r < 0)
+                return r;
+        r = parse_admin(c, t, e);
+        if (r < 0)
+                return r;
+        r = parse_adapters(c, t, e);
+        if (r < 0)
+                return r;
+
+        if (adp_conf_errors_total(e) != before)
+                return -EINVAL;
+
+        c->tree = TAKE_PTR(t);
+        *ret = TAKE_PTR(c);
+        return 0;
+}
+
+/* ---- files ------------------------------------------------------------------------------ */
+
+static int yaml_filter(const struct dirent *d) {
+        size_t l = strlen(d->d_name);
+        return d->d_name[0] != '.' && l > 5 && streq(d->d_name + l - 5, ".yaml");
+}
+
+static int byte_sort(const struct dirent **a, const struct dirent **b) {
+        return strcmp((*a)->d_name, (*b)->d_name);
+}
+
+int gw_config_load(const char *path, const char *confd_dir, struct gw_config **ret, struct adp_conf_errors *e) {
+        _cleanup_(adp_conf_node_freep) struct adp_conf_node *tree = NULL;
+        _cleanup_free_ char *confd = NULL;
+        char **sources = NULL;
+        size_t n_sources = 0;
+        struct dirent **ents = NULL;
+        struct gw_config *c = NULL;
+        bool failed = false;
+        int r, k;
+
+        if (!path || !ret)
+                return -EINVAL;
+
+        r = adp_conf_load_file(path, &tree, e);
+        if (r < 0)
+                return r;
+        if (strv_push(&sources, &n_sources, path) < 0)
+                return -ENOMEM;
+
+        if (confd_dir)
+                confd = strdup(confd_dir);
+        else {
+                const char *slash = strrchr(path, '/');
+                if (!slash)
+                        confd = strdup("conf.d");
+                else if (asprintf(&confd, "%.*s/conf.d", (int) (slash - path), path) < 0)
+                        confd = NULL;
+        }
+        if (!confd) {
+                strv_free(sources);
+                return -ENOMEM;
+        }
+
+        k = scandir(confd, &ents, yaml_filter, byte_sort);
+        if (k < 0) {
+                r = -errno;
+                if (r != -ENOENT) {
+                        adp_conf_error_file(e, confd, 0, 0, "cannot read the conf.d directory: %s", strerror(-r));
+                        strv_free(sources);
+                        return r;
+                }
+                k = 0;
+                r = 0;
+        }
+        for (int i = 0; i < k; i++) {
+                _cleanup_(adp_conf_node_freep) struct adp_conf_node *ov = NULL;
+                _cleanup_free_ char *frag = NULL;
+
+                if (asprintf(&frag, "%s/%s", confd, ents[i]->d_name) < 0) {
+                        r = -ENOMEM;
+                        break;
+                }
+                r = adp_conf_load_file(frag, &ov, e);
+                if (r == -ENOMEM)
+                        break;
+                if (r < 0) {
+                        failed = true;
+                        r = 0;
+                        continue;
+                }
+                if (strv_push(&sources, &n_sources, frag) < 0) {
+                        r = -ENOMEM;
+                        break;
+                }
+                r = adp_conf_merge(tree, TAKE_PTR(ov), e);
+                if (r == -ENOMEM)
+                        break;
+                if (r < 0)
+                        failed = true;
+                r = 0;
+        }
+        for (int i = 0; i < k; i++)
+                free(ents[i]);
+        free(ents);
+        if (r < 0) {
+                strv_free(sources);
+                return r;
+        }
+        if (failed) {
+                /* Validating a tree with a fragment missing would report misleading errors. */
+                strv_free(sources);
+                return -EINVAL;
+        }
+
+        r = gw_config_from_tree(TAKE_PTR(tree), &c, e);
+        if (r < 0) {
+                strv_free(sources);
+                return r;
+        }
+        strv_free(c->sources);
+        c->sources = sources;
+        *ret = c;
+        return 0;
+}

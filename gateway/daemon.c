@@ -239,6 +239,14 @@ static int on_store(sd_event_source *s, int fd, uint32_t revents, void *userdata
         return 0;
 }
 
+/* Timer sources are one-shot: set the next time and enable them again. */
+static int rearm(sd_event_source *s, uint64_t next) {
+        int r = sd_event_source_set_time(s, next);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+        return r;
+}
+
 static int heartbeat_write(struct hub_store_txn *txn, void *userdata) {
         /* Nothing to write: the transaction itself (write lock, commit) is the probe. */
         return 0;
@@ -290,12 +298,12 @@ static int on_watchdog(sd_event_source *s, uint64_t usec, void *userdata) {
         }
 
         uint64_t period = d->watchdog_usec ? d->watchdog_usec / 4 : 5 * USEC_PER_SEC;
-        return sd_event_source_set_time(s, usec + MAX(period, 50 * USEC_PER_MSEC));
+        return rearm(s, usec + MAX(period, 50 * USEC_PER_MSEC));
 }
 
 static int on_housekeeping(sd_event_source *s, uint64_t usec, void *userdata) {
         gw_log_flush_suppressed();
-        return sd_event_source_set_time(s, usec + 5 * USEC_PER_SEC);
+        return rearm(s, usec + 5 * USEC_PER_SEC);
 }
 
 static void on_check_progress(void *userdata, uint64_t elapsed) {

@@ -381,8 +381,8 @@ int gw_log_internal(int level, int error, const char *file, int line, const char
         return r;
 }
 
-static void hub_log_forward(void *userdata, int level, const char *file, int line, const char *func,
-                            const char *fmt, va_list ap) {
+_printf_(6, 0) static void hub_log_forward(void *userdata, int level, const char *file, int line, const char *func,
+                                           const char *fmt, va_list ap) {
         (void) userdata;
         gw_log_internalv(level, 0, file, line, func, GW_FIELDS(.component = "hub-core"),
                          fmt, ap);

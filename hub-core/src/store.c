@@ -29,6 +29,7 @@
 #include <strings.h>
 #include <sys/eventfd.h>
 #include <sys/stat.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include "hub/clock.h"
@@ -70,6 +71,7 @@ struct hub_store {
         bool unclean;
         bool opened; /* fully opened: close records a clean shutdown */
 
+        int lock_fd;  /* flock()ed <dir>/fieldhub.lock: one process per store */
         sqlite3 *wdb; /* writer: commit thread */
         sqlite3 *rdb; /* reader: owner's thread */
         int efd;
@@ -673,6 +675,41 @@ static int write_meta_open(const struct hub_store_options *opts, struct hub_stor
         return 0;
 }
 
+/* Two processes on one store would each believe they own the outbox and the queues: the
+ * second is refused, naming the first. The lock dies with its process (kill -9 included). */
+static int lock_dir(const struct hub_store_options *opts, struct hub_store *s) {
+        _cleanup_free_ char *p = NULL;
+        char pid[32];
+
+        if (asprintf(&p, "%s/fieldhub.lock", opts->dir) < 0) {
+                p = NULL;
+                return -ENOMEM;
+        }
+        s->lock_fd = open(p, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+        if (s->lock_fd < 0) {
+                int r = -errno;
+                set_err(opts, "cannot open %s: %s", p, strerror(-r));
+                return r;
+        }
+        if (flock(s->lock_fd, LOCK_EX | LOCK_NB) < 0) {
+                int r = -errno;
+                if (r == -EWOULDBLOCK) {
+                        ssize_t n = pread(s->lock_fd, pid, sizeof pid - 1, 0);
+                        pid[n > 0 ? n : 0] = 0;
+                        pid[strcspn(pid, "\n")] = 0;
+                        set_err(opts, "%s is in use by another process (pid %s); only one fieldhubd may use a state directory",
+                                opts->dir, pid[0] ? pid : "unknown");
+                        return -EBUSY;
+                }
+                set_err(opts, "cannot lock %s: %s", p, strerror(-r));
+                return r;
+        }
+        int n = snprintf(pid, sizeof pid, "%ld\n", (long) getpid());
+        if (ftruncate(s->lock_fd, 0) < 0 || pwrite(s->lock_fd, pid, (size_t) n, 0) != n)
+                hub_log_debug(s->log, "store: cannot write the pid into %s: %m", p);
+        return 0;
+}
+
 static void store_free(struct hub_store *s) {
         struct store_write *w, *next;
 
@@ -684,6 +721,8 @@ static void store_free(struct hub_store *s) {
                 (void) sqlite3_close(s->wdb);
         if (s->efd >= 0)
                 (void) close(s->efd);
+        if (s->lock_fd >= 0)
+                (void) close(s->lock_fd); /* releases the flock */
         for (w = s->done; w; w = next) {
                 next = w->next;
                 free(w);
@@ -715,6 +754,7 @@ int hub_store_open(const struct hub_store_options *opts, struct hub_store **ret_
         if (!s)
                 return -ENOMEM;
         s->efd = -EBADF;
+        s->lock_fd = -EBADF;
         s->clock = opts->clock;
         s->log = opts->log;
         s->stall_timeout = opts->stall_timeout_usec ? opts->stall_timeout_usec : STORE_DEFAULT_STALL_USEC;
@@ -726,6 +766,9 @@ int hub_store_open(const struct hub_store_options *opts, struct hub_store **ret_
         }
 
         r = ensure_dir(opts);
+        if (r < 0)
+                goto fail;
+        r = lock_dir(opts, s);
         if (r < 0)
                 goto fail;
         r = ensure_db_file(opts, s->path, &existed);

@@ -100,6 +100,7 @@ class Notify:
         at_exit(self.sock.close)
 
     def poll(self, timeout=0.0):
+        """Collects every message that arrives within timeout seconds (at least those queued now)."""
         end = time.monotonic() + timeout
         while True:
             left = max(0.0, end - time.monotonic())
@@ -109,8 +110,6 @@ class Notify:
             data = self.sock.recv(65536).decode()
             fields = dict(line.split("=", 1) for line in data.split("\n") if "=" in line)
             self.messages.append(fields)
-            timeout = 0.0
-            end = time.monotonic()
 
     def wait_for(self, key, value=None, timeout=10.0, after=0):
         """Waits for a message with key (=value); returns its index."""
@@ -123,7 +122,7 @@ class Notify:
             left = end - time.monotonic()
             if left <= 0:
                 raise AssertionError(f"no {key}={value} from sd_notify within {timeout}s; got {self.messages[after:]}")
-            self.poll(min(left, 0.2))
+            self.poll(min(left, 0.05))
 
 
 class Daemon:

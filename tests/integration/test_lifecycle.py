@@ -179,6 +179,21 @@ def test_newer_store_refused():
     assert "newer" in fh.log() and "99" in fh.log(), fh.log()
 
 
+def test_one_daemon_per_state_dir():
+    d = tmpdir()
+    n = Notify(d)
+    cfg = write(f"{d}/fieldhub.yaml", config_text(d))
+    fh = Daemon(cfg, notify=n)
+    n.wait_for("READY", "1")
+    cfg2 = write(f"{d}/second.yaml", config_text(d).replace(f"{d}/admin.sock", f"{d}/admin2.sock"))
+    second = Daemon(cfg2)
+    rc = second.proc.wait(timeout=10)
+    assert rc == 1, (rc, second.log())
+    assert f"in use by another process (pid {fh.pid})" in second.log(), second.log()
+    assert fh.alive()
+    fh.stop()
+
+
 def test_corrupt_store_refused():
     d = tmpdir()
     os.makedirs(f"{d}/state", mode=0o700)
@@ -249,5 +264,5 @@ def test_no_secret_in_logs():
 if __name__ == "__main__":
     main([test_version_and_help, test_check_config, test_ready_status_and_files, test_reload_good_and_broken,
           test_invalid_config_exits_78, test_key_file_readable_by_others_refused,
-          test_unclean_stop_runs_integrity_check, test_newer_store_refused, test_corrupt_store_refused,
+          test_unclean_stop_runs_integrity_check, test_newer_store_refused, test_one_daemon_per_state_dir, test_corrupt_store_refused,
           test_watchdog_follows_the_commit_thread, test_no_secret_in_logs])

@@ -395,6 +395,8 @@ static void test_verify(void) {
         {
                 _cleanup_free_ char *t = gen(HOST "/devices/dev1", pk, now_s + 60, NULL);
                 char *s = strstr(t, "sig=") + 4;
+                while (*s == '%') /* an escaped '+', '/': tamper with a plain base64 digit */
+                        s += 3;
                 *s = *s == 'A' ? 'B' : 'A';
                 ASSERT_EQ(check(&e, t, "dev1", NULL, HUB_RIGHT_DEVICE_CONNECT, NULL), HUB_AUTH_BAD_SIGNATURE);
                 _cleanup_free_ char *t2 = gen(HOST "/devices/dev1", x509key, now_s + 60, NULL);

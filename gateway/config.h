@@ -1,0 +1,103 @@
+/* SPDX-License-Identifier: MIT */
+#pragma once
+
+/* fieldhub's configuration: /etc/fieldhub/fieldhub.yaml plus conf.d/<name>.yaml fragments, read
+ * into a positioned tree (adapter/conf.h) and validated completely, every error collected,
+ * before anything starts. configs/README.md documents every key. */
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <syslog.h>
+
+#include "adapter/conf.h"
+#include "hub/macro.h"
+
+enum gw_log_target {
+        GW_LOG_TARGET_AUTO,     /* journald when $JOURNAL_STREAM says so, else stderr */
+        GW_LOG_TARGET_JOURNAL,
+        GW_LOG_TARGET_STDERR,
+        _GW_LOG_TARGET_MAX,
+};
+
+/* A shared access policy's keys (base64 text, as read from the key files). */
+struct gw_policy_key {
+        char *name;             /* iothubowner, service, device, registryRead, registryReadWrite */
+        char *primary_key;
+        char *secondary_key;    /* may be NULL */
+};
+
+/* One item of `adapters:`. node borrows from gw_config.tree: the whole item, type and name
+ * included, for the adapter to read its own keys from. */
+struct gw_adapter_conf {
+        char *type;
+        char *name;
+        const struct adp_conf_node *node;
+};
+
+/* An adapter type compiled into this build: validate() checks the item's keys (it must
+ * allow `type` and `name`) and adds every problem to e; returns 0 or -EINVAL. */
+struct gw_adapter_type {
+        const char *name;
+        int (*validate)(const struct adp_conf_node *item, struct adp_conf_errors *e);
+};
+
+/* NULL-terminated (a sentinel with name == NULL) table of the adapter types in this build. */
+extern const struct gw_adapter_type gw_adapter_types[];
+
+struct gw_config {
+        char *host_name;                        /* hub.host_name (required) */
+        char **host_aliases;                    /* hub.host_aliases, NULL-terminated, never NULL */
+        char *state_dir;                        /* state_dir */
+        int log_level;                          /* log.level, syslog priority */
+        enum gw_log_target log_target;          /* log.target */
+        uint64_t log_rate_interval_usec;        /* log.rate_limit.interval */
+        unsigned log_rate_burst;                /* log.rate_limit.burst */
+        uint64_t store_stall_timeout_usec;      /* store.stall_timeout */
+        bool store_check_on_start;              /* store.check_on_start */
+        char *admin_socket;                     /* admin.socket */
+        struct gw_policy_key *policy_keys;      /* hub.policies */
+        size_t n_policy_keys;
+        struct gw_adapter_conf *adapters;       /* adapters */
+        size_t n_adapters;
+        struct adp_conf_node *tree;             /* the merged tree, kept for the adapters' subtrees */
+        char **sources;                         /* files read, in order (main, then conf.d), NULL-terminated */
+};
+
+/* Defaults and limits (configs/README.md states the same). */
+#define GW_CONFIG_LOG_RATE_INTERVAL_DEFAULT_USEC (UINT64_C(30) * 1000000)
+#define GW_CONFIG_LOG_RATE_INTERVAL_MIN_USEC (UINT64_C(1) * 1000000)
+#define GW_CONFIG_LOG_RATE_INTERVAL_MAX_USEC (UINT64_C(3600) * 1000000)
+#define GW_CONFIG_LOG_RATE_BURST_DEFAULT 10u
+#define GW_CONFIG_LOG_RATE_BURST_MAX 10000u
+#define GW_CONFIG_STALL_TIMEOUT_DEFAULT_USEC (UINT64_C(10) * 1000000)
+#define GW_CONFIG_STALL_TIMEOUT_MIN_USEC (UINT64_C(1) * 1000000)
+#define GW_CONFIG_STALL_TIMEOUT_MAX_USEC (UINT64_C(600) * 1000000)
+#define GW_CONFIG_POLICY_KEY_MIN_BYTES 16
+#define GW_CONFIG_POLICY_KEY_MAX_BYTES 64
+
+/* Loads path, then every *.yaml in confd_dir (NULL = "<dirname(path)>/conf.d"; a missing
+ * directory is fine) in lexical order, merged on top; validates everything, collecting
+ * all errors into e; reads the secrets. Returns 0 with *ret a new config; -EINVAL with the
+ * errors in e; another -errno (-ENOENT, -EACCES, ...) with an error line in e when the main
+ * file or the conf.d directory cannot be read; -ENOMEM. Blocks on file reads only. */
+int gw_config_load(const char *path, const char *confd_dir, struct gw_config **ret, struct adp_conf_errors *e);
+
+/* Validates an already parsed (and merged) tree. Always takes tree: on success it is kept in
+ * (*ret)->tree, on failure freed. sources stays NULL-terminated-empty. Returns 0, -EINVAL
+ * with errors in e, -ENOMEM. (Used by gw_config_load() and the fuzzer.) */
+int gw_config_from_tree(struct adp_conf_node *tree, struct gw_config **ret, struct adp_conf_errors *e);
+
+/* Wipes the secrets and frees everything. NULL-safe; returns NULL. */
+struct gw_config *gw_config_free(struct gw_config *c);
+DEFINE_CLEANUP_FUNC(struct gw_config *, gw_config_free);
+
+/* "info" → LOG_INFO (names: emerg alert crit err warning notice info debug), also "0".."7".
+ * Returns the level or -EINVAL. */
+int gw_log_level_from_string(const char *s);
+/* LOG_INFO → "info"; NULL when out of range. */
+const char *gw_log_level_to_string(int level);
+
+/* A DNS host name as the hub answers to: labels of 1..63 of [A-Za-z0-9-] not starting or
+ * ending with '-', total at most 253. Does not require a dot. */
+bool gw_host_name_is_valid(const char *s);

@@ -59,6 +59,11 @@ const struct hub_store_migration hub_store_migrations[] = {
                 .what = "cloud-to-device queues and feedback",
                 .sql = hub_queue_schema_sql, /* queue.c */
         },
+        {
+                .version = 4,
+                .what = "outbox, endpoint cursors and the events stream",
+                .sql = hub_outbox_schema_sql, /* outbox.c */
+        },
 };
 const size_t hub_store_n_migrations = ELEMENTSOF(hub_store_migrations);
 

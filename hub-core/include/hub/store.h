@@ -29,7 +29,7 @@ struct hub_store;
 struct hub_store_txn; /* the open transaction, valid only inside a write function */
 
 /* The schema version this build writes. */
-#define HUB_STORE_SCHEMA_VERSION 3
+#define HUB_STORE_SCHEMA_VERSION 4
 #define HUB_STORE_FILE_NAME "fieldhub.db"
 
 struct hub_store_options {

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 FIELDHUBD = os.environ.get("FIELDHUBD", "fieldhubd")
@@ -90,39 +91,58 @@ admin:
 
 
 class Notify:
-    """A NOTIFY_SOCKET listener (what systemd's service manager provides)."""
+    """A NOTIFY_SOCKET listener (what systemd's service manager provides). A thread drains
+    the socket continuously, as systemd does: an unread datagram queue would block the
+    daemon's sd_notify() once it holds net.unix.max_dgram_qlen messages."""
 
     def __init__(self, d):
         self.path = os.path.join(d, "notify.sock")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(self.path)
         self.messages = []
-        at_exit(self.sock.close)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        at_exit(self.close)
+
+    def _run(self):
+        while not self._stop:
+            r, _, _ = select.select([self.sock], [], [], 0.1)
+            if not r:
+                continue
+            try:
+                data = self.sock.recv(65536).decode()
+            except OSError:
+                return
+            fields = dict(line.split("=", 1) for line in data.split("\n") if "=" in line)
+            with self._cond:
+                self.messages.append(fields)
+                self._cond.notify_all()
+
+    def close(self):
+        self._stop = True
+        self._thread.join()
+        self.sock.close()
 
     def poll(self, timeout=0.0):
-        """Collects every message that arrives within timeout seconds (at least those queued now)."""
-        end = time.monotonic() + timeout
-        while True:
-            left = max(0.0, end - time.monotonic())
-            r, _, _ = select.select([self.sock], [], [], left)
-            if not r:
-                return
-            data = self.sock.recv(65536).decode()
-            fields = dict(line.split("=", 1) for line in data.split("\n") if "=" in line)
-            self.messages.append(fields)
+        """Waits timeout seconds; messages keep arriving in self.messages meanwhile."""
+        time.sleep(timeout)
 
     def wait_for(self, key, value=None, timeout=10.0, after=0):
-        """Waits for a message with key (=value); returns its index."""
+        """Waits for a message with key (=value) at index >= after; returns its index."""
         end = time.monotonic() + timeout
-        while True:
-            for i in range(after, len(self.messages)):
-                m = self.messages[i]
-                if key in m and (value is None or m[key] == value):
-                    return i
-            left = end - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no {key}={value} from sd_notify within {timeout}s; got {self.messages[after:]}")
-            self.poll(min(left, 0.05))
+        with self._cond:
+            while True:
+                for i in range(after, len(self.messages)):
+                    m = self.messages[i]
+                    if key in m and (value is None or m[key] == value):
+                        return i
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no {key}={value} from sd_notify within {timeout}s; got {self.messages[after:]}")
+                self._cond.wait(left)
 
 
 class Daemon:

@@ -1,0 +1,135 @@
+/* SPDX-License-Identifier: MIT */
+#pragma once
+
+/* Shared between listener.c, conn.c and tls.c; not for front-ends. */
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <mbedtls/ctr_drbg.h>
+#include <mbedtls/pk.h>
+#include <mbedtls/ssl.h>
+
+#include "net/net.h"
+
+struct gw_tls_server {
+        unsigned n_ref;
+        mbedtls_ssl_config conf;
+        mbedtls_ctr_drbg_context drbg;
+        mbedtls_x509_crt chain;
+        mbedtls_x509_crt client_ca;
+        mbedtls_pk_context key;
+        bool has_client_ca;
+        enum gw_tls_client_cert client_cert;
+};
+
+/* One source address and how many connections it has open (per-address limit). */
+struct gw_addr_count {
+        struct gw_addr_count *next;
+        uint8_t family;
+        uint8_t addr[16];
+        unsigned n;
+};
+
+#define GW_ADDR_BUCKETS 512u
+
+/* A list of connections ordered by deadline (all with the same timeout). */
+struct gw_conn_list {
+        struct gw_net_conn *head, *tail;
+        uint64_t timeout_usec;
+};
+
+struct gw_net_listener {
+        sd_event *event;
+        int fd;
+        uint16_t port;
+        char *address;
+        sd_event_source *accept_src, *timer_src, *defer_src, *retry_src;
+        struct gw_tls_server *tls;
+        struct gw_net_handler h;
+        void *userdata;
+
+        unsigned max_connections, max_per_address;
+        size_t max_input, max_output, hard_max_output;
+
+        unsigned n_conns;
+        struct gw_conn_list hs_list, idle_list;
+        struct gw_net_conn *pending_head, *pending_tail; /* work for the defer source */
+        struct gw_addr_count *buckets[GW_ADDR_BUCKETS];
+};
+
+enum gw_conn_state {
+        GW_CONN_HANDSHAKE, /* TLS handshake running */
+        GW_CONN_OPEN,
+        GW_CONN_DRAINING,  /* graceful close: flushing output, then close_notify */
+        GW_CONN_LINGER,    /* shut down for writing, discarding input until EOF */
+        GW_CONN_DEAD,      /* socket closed, on_close pending */
+};
+
+struct gw_out_chunk {
+        struct gw_out_chunk *next;
+        size_t off, len, cap;
+        uint8_t data[];
+};
+
+enum {
+        GW_PEND_READ = 1u << 0,  /* re-offer buffered input, read what TLS holds */
+        GW_PEND_FLUSH = 1u << 1, /* write (graceful close requested) */
+        GW_PEND_CLOSE = 1u << 2, /* deliver on_close and free */
+};
+
+struct gw_net_conn {
+        struct gw_net_listener *l;
+        int fd;
+        enum gw_conn_state state;
+        sd_event_source *io;
+        uint32_t io_events;
+
+        mbedtls_ssl_context *ssl;
+        struct gw_tls_server *tls;
+        size_t tls_write_pending;  /* length of an mbedtls_ssl_write to be repeated */
+        bool tls_want_read, tls_want_write;
+        bool close_notify_done;
+        uint32_t verify_flags;
+        char *sni;
+
+        bool paused, above_low_mark, reason_set, opened;
+        bool held; /* input held by the front-end (gw_net_conn_hold_input) */
+        int close_reason;
+
+        uint8_t *in;
+        size_t in_len, in_cap;
+        struct gw_out_chunk *out_head, *out_tail;
+        size_t out_bytes;
+
+        /* deadline list */
+        struct gw_conn_list *list;
+        struct gw_net_conn *prev, *next;
+        uint64_t since;
+
+        unsigned pend_flags;
+        struct gw_net_conn *pend_next;
+
+        struct gw_addr_count *addr;
+        char peer[INET6_ADDRSTRLEN + 8];
+        void *userdata;
+};
+
+/* listener.c */
+void gw_listener_list_add(struct gw_conn_list *list, struct gw_net_conn *c, uint64_t now);
+void gw_listener_list_remove(struct gw_net_conn *c);
+void gw_listener_touch(struct gw_net_conn *c);
+void gw_listener_schedule(struct gw_net_conn *c, unsigned flags);
+void gw_listener_conn_gone(struct gw_net_conn *c);
+
+/* conn.c */
+int gw_conn_new(struct gw_net_listener *l, int fd, const struct sockaddr_storage *sa,
+                struct gw_addr_count *ac, struct gw_net_conn **ret);
+void gw_conn_run_pending(struct gw_net_conn *c, unsigned flags);
+void gw_conn_timeout(struct gw_net_conn *c);
+void gw_conn_fail(struct gw_net_conn *c, int reason);
+void gw_conn_free(struct gw_net_conn *c);
+
+/* tls.c */
+int gw_tls_conn_setup(struct gw_net_conn *c);
+const char *gw_tls_strerror(int err, char *buf, size_t size);

@@ -10,14 +10,21 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
 
 #include <mbedtls/base64.h>
 
+#include "adp-modbus.h"
 #include "config.h"
+#include "uplink/uplink-config.h"
 #include "fieldhub-paths.h"
+#include "hub/clock.h"
+#include "hub/queue.h"
+#include "net/net.h"
 
 /* No adapter is compiled in yet; the Modbus, CoAP and serial adapters add their entries. */
 const struct gw_adapter_type gw_adapter_types[] = {
+        { "modbus", adp_modbus_validate },
         { NULL, NULL },
 };
 
@@ -103,6 +110,15 @@ struct gw_config *gw_config_free(struct gw_config *c) {
         strv_free(c->host_aliases);
         free(c->state_dir);
         free(c->admin_socket);
+        strv_free(c->api_listen);
+        free(c->api_cert_file);
+        free(c->api_key_file);
+        free(c->api_client_ca_file);
+        free(c->metrics_listen);
+        strv_free(c->mqtt_listen);
+        free(c->mqtt_cert_file);
+        free(c->mqtt_key_file);
+        strv_free(c->x509_ca_files);
         for (size_t i = 0; i < c->n_policy_keys; i++) {
                 free(c->policy_keys[i].name);
                 wipe_string(c->policy_keys[i].primary_key);
@@ -114,6 +130,7 @@ struct gw_config *gw_config_free(struct gw_config *c) {
                 free(c->adapters[i].name);
         }
         free(c->adapters);
+        gw_routing_conf_free(c->routing);
         adp_conf_node_free(c->tree);
         strv_free(c->sources);
         free(c);
@@ -122,8 +139,24 @@ struct gw_config *gw_config_free(struct gw_config *c) {
 
 /* ---- the schema ------------------------------------------------------------------------- */
 
-static const char *const top_keys[] = { "hub", "state_dir", "log", "store", "admin", "adapters", NULL };
-static const char *const hub_keys[] = { "host_name", "host_aliases", "policies", NULL };
+static const char *const top_keys[] = { "hub",      "state_dir", "log",      "store", "admin",
+                                        "adapters", "service_api", "metrics", "c2d",   "feedback", "mqtt",
+                                        "endpoints", "routes", "fallback_route", "enrichments", "logs_dir", NULL };
+static const char *const mqtt_keys[] = { "listen", "tls", "allow_plaintext", "limits", NULL };
+static const char *const mqtt_tls_keys[] = { "cert_file", "key_file", NULL };
+static const char *const mqtt_limit_keys[] = { "max_connections", "max_connections_per_address", "max_inflight",
+                                               "max_packet_bytes", "max_keep_alive_timeout", "handshake_timeout",
+                                               "connect_timeout", "max_messages_per_second", NULL };
+static const char *const api_keys[] = { "listen", "tls", "allow_plaintext", "limits", NULL };
+static const char *const api_tls_keys[] = { "cert_file", "key_file", "client_ca_file", NULL };
+static const char *const api_limit_keys[] = { "max_connections", "max_connections_per_address",
+                                              "handshake_timeout", "idle_timeout", "request_timeout",
+                                              "max_header_bytes", "max_body_bytes", NULL };
+static const char *const metrics_keys[] = { "listen", "allow_non_loopback", NULL };
+static const char *const c2d_keys[] = { "default_ttl", "max_ttl", "max_delivery_count", "max_queue_depth",
+                                        "lock_timeout", "max_lock_expiries", NULL };
+static const char *const feedback_keys[] = { "ttl", "lock_timeout", "max_delivery_count", NULL };
+static const char *const hub_keys[] = { "host_name", "host_aliases", "policies", "x509_ca_files", NULL };
 static const char *const log_keys[] = { "level", "target", "rate_limit", NULL };
 static const char *const rate_keys[] = { "interval", "burst", NULL };
 static const char *const store_keys[] = { "stall_timeout", "check_on_start", NULL };
@@ -330,6 +363,21 @@ static int parse_hub(struct gw_config *c, const struct adp_conf_node *root, stru
                         return -ENOMEM;
         }
 
+        const struct adp_conf_node *cas;
+        size_t n_cas = 0;
+        r = adp_conf_get_seq(hub, "x509_ca_files", false, e, &cas);
+        for (size_t i = 0; r == 0 && i < adp_conf_len(cas); i++) {
+                const struct adp_conf_node *a = adp_conf_at(cas, i);
+                if (adp_conf_parse_string(a, e, &s) < 0)
+                        continue;
+                if (s[0] != '/') {
+                        adp_conf_error(e, a, "found \"%s\", expected an absolute path to a PEM CA certificate file", s);
+                        continue;
+                }
+                if (strv_push(&c->x509_ca_files, &n_cas, s) < 0)
+                        return -ENOMEM;
+        }
+
         return parse_policies(c, hub, e);
 }
 
@@ -389,6 +437,220 @@ static int parse_admin(struct gw_config *c, const struct adp_conf_node *root, st
         /* sun_path holds 108 bytes with the NUL. */
         int r = check_abs_path(admin, "socket", 107, e, &c->admin_socket);
         return r == -ENOMEM ? r : 0;
+}
+
+/* A listen address as gw_net_parse_address() takes it: an IP literal or "localhost", ":port". */
+static int check_listen_address(const struct adp_conf_node *n, const char *s, bool *ret_loopback,
+                                struct adp_conf_errors *e) {
+        struct sockaddr_storage sa;
+        socklen_t len;
+        char found[128];
+
+        if (gw_net_parse_address(s, &sa, &len) < 0) {
+                adp_conf_error(e, n, "found %s, expected an address:port with an IP literal or localhost, "
+                               "e.g. \"0.0.0.0:443\", \"[::]:443\" or \"127.0.0.1:9100\"",
+                               adp_conf_describe(n, found, sizeof found));
+                return -EINVAL;
+        }
+        if (ret_loopback)
+                *ret_loopback = gw_net_sockaddr_is_loopback(&sa);
+        return 0;
+}
+
+static int parse_service_api(struct gw_config *c, const struct adp_conf_node *root, struct adp_conf_errors *e) {
+        const struct adp_conf_node *api, *seq, *tls, *lim;
+        size_t n_listen = 0;
+        uint64_t v;
+        int r;
+
+        r = adp_conf_get_map(root, "service_api", false, e, &api);
+        if (r < 0)
+                return 0;
+        (void) adp_conf_check_keys(api, api_keys, e);
+        c->api_enabled = true;
+        (void) adp_conf_get_bool(api, "allow_plaintext", false, e, &c->api_allow_plaintext);
+
+        r = adp_conf_get_seq(api, "listen", false, e, &seq);
+        if (r == 0) {
+                if (adp_conf_len(seq) == 0)
+                        c->api_enabled = false; /* listen: [] turns the service API off */
+                for (size_t i = 0; i < adp_conf_len(seq); i++) {
+                        const struct adp_conf_node *a = adp_conf_at(seq, i);
+                        const char *s;
+                        if (adp_conf_parse_string(a, e, &s) < 0 || check_listen_address(a, s, NULL, e) < 0)
+                                continue;
+                        for (size_t j = 0; j < i; j++)
+                                if (adp_conf_scalar(adp_conf_at(seq, j)) &&
+                                    streq(adp_conf_scalar(adp_conf_at(seq, j)), s))
+                                        adp_conf_error(e, a, "duplicate listen address \"%s\", expected each address once", s);
+                        if (strv_push(&c->api_listen, &n_listen, s) < 0)
+                                return -ENOMEM;
+                }
+        } else if (r == -ENOENT) {
+                if (strv_push(&c->api_listen, &n_listen, GW_CONFIG_API_LISTEN_DEFAULT) < 0)
+                        return -ENOMEM;
+        }
+
+        r = adp_conf_get_map(api, "tls", false, e, &tls);
+        if (r == 0) {
+                (void) adp_conf_check_keys(tls, api_tls_keys, e);
+                if (check_abs_path(tls, "cert_file", 4000, e, &c->api_cert_file) == -ENOMEM ||
+                    check_abs_path(tls, "key_file", 4000, e, &c->api_key_file) == -ENOMEM ||
+                    check_abs_path(tls, "client_ca_file", 4000, e, &c->api_client_ca_file) == -ENOMEM)
+                        return -ENOMEM;
+                if (!!c->api_cert_file != !!c->api_key_file)
+                        adp_conf_error(e, tls, "found only %s, expected both cert_file and key_file (or neither: "
+                                       "a certificate is then generated in the state directory)",
+                                       c->api_cert_file ? "cert_file" : "key_file");
+        }
+
+        r = adp_conf_get_map(api, "limits", false, e, &lim);
+        if (r == 0) {
+                (void) adp_conf_check_keys(lim, api_limit_keys, e);
+                if (adp_conf_get_uint(lim, "max_connections", false, 1, 100000, e, &v) == 0)
+                        c->api_max_connections = (unsigned) v;
+                if (adp_conf_get_uint(lim, "max_connections_per_address", false, 1, 100000, e, &v) == 0)
+                        c->api_max_connections_per_address = (unsigned) v;
+                (void) adp_conf_get_duration(lim, "handshake_timeout", false, USEC_PER_SEC / 10, 300 * USEC_PER_SEC,
+                                             e, &c->api_handshake_timeout_usec);
+                (void) adp_conf_get_duration(lim, "idle_timeout", false, USEC_PER_SEC, 3600 * USEC_PER_SEC, e,
+                                             &c->api_idle_timeout_usec);
+                (void) adp_conf_get_duration(lim, "request_timeout", false, USEC_PER_SEC / 10, 3600 * USEC_PER_SEC,
+                                             e, &c->api_request_timeout_usec);
+                (void) adp_conf_get_size(lim, "max_header_bytes", false, 1024, 1024 * 1024, e,
+                                         &c->api_max_header_bytes);
+                (void) adp_conf_get_size(lim, "max_body_bytes", false, 1024, 64 * 1024 * 1024, e,
+                                         &c->api_max_body_bytes);
+        }
+        return 0;
+}
+
+static int parse_mqtt(struct gw_config *c, const struct adp_conf_node *root, struct adp_conf_errors *e) {
+        const struct adp_conf_node *m, *seq, *tls, *lim;
+        size_t n_listen = 0;
+        uint64_t v;
+        int r;
+
+        r = adp_conf_get_map(root, "mqtt", false, e, &m);
+        if (r < 0)
+                return 0;
+        (void) adp_conf_check_keys(m, mqtt_keys, e);
+        c->mqtt_enabled = true;
+        (void) adp_conf_get_bool(m, "allow_plaintext", false, e, &c->mqtt_allow_plaintext);
+
+        r = adp_conf_get_seq(m, "listen", false, e, &seq);
+        if (r == 0) {
+                if (adp_conf_len(seq) == 0)
+                        c->mqtt_enabled = false; /* listen: [] turns MQTT off */
+                for (size_t i = 0; i < adp_conf_len(seq); i++) {
+                        const struct adp_conf_node *a = adp_conf_at(seq, i);
+                        const char *s;
+                        if (adp_conf_parse_string(a, e, &s) < 0 || check_listen_address(a, s, NULL, e) < 0)
+                                continue;
+                        for (size_t j = 0; j < i; j++)
+                                if (adp_conf_scalar(adp_conf_at(seq, j)) &&
+                                    streq(adp_conf_scalar(adp_conf_at(seq, j)), s))
+                                        adp_conf_error(e, a, "duplicate listen address \"%s\", expected each address once", s);
+                        if (strv_push(&c->mqtt_listen, &n_listen, s) < 0)
+                                return -ENOMEM;
+                }
+        } else if (r == -ENOENT) {
+                if (strv_push(&c->mqtt_listen, &n_listen, GW_CONFIG_MQTT_LISTEN_DEFAULT) < 0)
+                        return -ENOMEM;
+        }
+
+        r = adp_conf_get_map(m, "tls", false, e, &tls);
+        if (r == 0) {
+                (void) adp_conf_check_keys(tls, mqtt_tls_keys, e);
+                if (check_abs_path(tls, "cert_file", 4000, e, &c->mqtt_cert_file) == -ENOMEM ||
+                    check_abs_path(tls, "key_file", 4000, e, &c->mqtt_key_file) == -ENOMEM)
+                        return -ENOMEM;
+                if (!!c->mqtt_cert_file != !!c->mqtt_key_file)
+                        adp_conf_error(e, tls, "found only %s, expected both cert_file and key_file (or neither: "
+                                       "the certificate generated in the state directory is used)",
+                                       c->mqtt_cert_file ? "cert_file" : "key_file");
+        }
+
+        r = adp_conf_get_map(m, "limits", false, e, &lim);
+        if (r == 0) {
+                (void) adp_conf_check_keys(lim, mqtt_limit_keys, e);
+                if (adp_conf_get_uint(lim, "max_connections", false, 1, 1000000, e, &v) == 0)
+                        c->mqtt_max_connections = (unsigned) v;
+                if (adp_conf_get_uint(lim, "max_connections_per_address", false, 1, 1000000, e, &v) == 0)
+                        c->mqtt_max_connections_per_address = (unsigned) v;
+                if (adp_conf_get_uint(lim, "max_inflight", false, 1, 1024, e, &v) == 0)
+                        c->mqtt_max_inflight = (unsigned) v;
+                if (adp_conf_get_uint(lim, "max_messages_per_second", false, 0, 1000000, e, &v) == 0)
+                        c->mqtt_max_messages_per_second = (uint32_t) v;
+                (void) adp_conf_get_size(lim, "max_packet_bytes", false, 1024, GW_CONFIG_MQTT_MAX_PACKET_LIMIT, e,
+                                         &c->mqtt_max_packet_bytes);
+                (void) adp_conf_get_duration(lim, "max_keep_alive_timeout", false, USEC_PER_SEC,
+                                             1767 * USEC_PER_SEC, e, &c->mqtt_max_keep_alive_timeout_usec);
+                (void) adp_conf_get_duration(lim, "handshake_timeout", false, USEC_PER_SEC / 10, 300 * USEC_PER_SEC,
+                                             e, &c->mqtt_handshake_timeout_usec);
+                (void) adp_conf_get_duration(lim, "connect_timeout", false, USEC_PER_SEC / 10, 300 * USEC_PER_SEC,
+                                             e, &c->mqtt_connect_timeout_usec);
+        }
+        return 0;
+}
+
+static int parse_metrics(struct gw_config *c, const struct adp_conf_node *root, struct adp_conf_errors *e) {
+        const struct adp_conf_node *m;
+        const char *s;
+        bool loopback = true;
+
+        if (adp_conf_get_map(root, "metrics", false, e, &m) < 0)
+                return 0;
+        (void) adp_conf_check_keys(m, metrics_keys, e);
+        (void) adp_conf_get_bool(m, "allow_non_loopback", false, e, &c->metrics_allow_non_loopback);
+        if (adp_conf_get_string(m, "listen", false, e, &s) < 0)
+                return 0;
+        if (check_listen_address(adp_conf_get(m, "listen"), s, &loopback, e) < 0)
+                return 0;
+        if (!loopback && !c->metrics_allow_non_loopback) {
+                adp_conf_error(e, adp_conf_get(m, "listen"),
+                               "found the non-loopback address \"%s\", expected a loopback address (the metrics "
+                               "listener has no authentication; set allow_non_loopback: true to expose it anyway)", s);
+                return 0;
+        }
+        c->metrics_listen = strdup(s);
+        return c->metrics_listen ? 0 : -ENOMEM;
+}
+
+static int parse_c2d(struct gw_config *c, const struct adp_conf_node *root, struct adp_conf_errors *e) {
+        const struct adp_conf_node *m;
+        uint64_t v;
+
+        if (adp_conf_get_map(root, "c2d", false, e, &m) == 0) {
+                (void) adp_conf_check_keys(m, c2d_keys, e);
+                (void) adp_conf_get_duration(m, "default_ttl", false, HUB_QUEUE_TTL_MIN_USEC, HUB_QUEUE_TTL_MAX_USEC, e,
+                                             &c->c2d_default_ttl_usec);
+                (void) adp_conf_get_duration(m, "max_ttl", false, HUB_QUEUE_TTL_MIN_USEC, HUB_QUEUE_TTL_MAX_USEC, e,
+                                             &c->c2d_max_ttl_usec);
+                (void) adp_conf_get_duration(m, "lock_timeout", false, HUB_QUEUE_LOCK_MIN_USEC,
+                                             HUB_QUEUE_LOCK_MAX_USEC, e, &c->c2d_lock_timeout_usec);
+                if (adp_conf_get_uint(m, "max_delivery_count", false, 1, HUB_QUEUE_MAX_DELIVERY_COUNT_LIMIT, e, &v) == 0)
+                        c->c2d_max_delivery_count = (uint32_t) v;
+                if (adp_conf_get_uint(m, "max_queue_depth", false, 1, HUB_QUEUE_MAX_DEPTH_LIMIT, e, &v) == 0)
+                        c->c2d_max_queue_depth = (uint32_t) v;
+                if (adp_conf_get_uint(m, "max_lock_expiries", false, 0, 1000, e, &v) == 0)
+                        c->c2d_max_lock_expiries = (uint32_t) v;
+                uint64_t def = c->c2d_default_ttl_usec ? c->c2d_default_ttl_usec : HUB_QUEUE_DEFAULT_TTL_USEC;
+                if (c->c2d_max_ttl_usec && c->c2d_max_ttl_usec < def)
+                        adp_conf_error(e, adp_conf_get(m, "max_ttl"),
+                                       "found a max_ttl shorter than default_ttl (%llu s), expected at least default_ttl",
+                                       (unsigned long long) (def / USEC_PER_SEC));
+        }
+        if (adp_conf_get_map(root, "feedback", false, e, &m) == 0) {
+                (void) adp_conf_check_keys(m, feedback_keys, e);
+                (void) adp_conf_get_duration(m, "ttl", false, HUB_QUEUE_TTL_MIN_USEC, HUB_QUEUE_TTL_MAX_USEC, e,
+                                             &c->feedback_ttl_usec);
+                (void) adp_conf_get_duration(m, "lock_timeout", false, HUB_QUEUE_LOCK_MIN_USEC,
+                                             HUB_QUEUE_LOCK_MAX_USEC, e, &c->feedback_lock_timeout_usec);
+                if (adp_conf_get_uint(m, "max_delivery_count", false, 1, HUB_QUEUE_MAX_DELIVERY_COUNT_LIMIT, e, &v) == 0)
+                        c->feedback_max_delivery_count = (uint32_t) v;
+        }
+        return 0;
 }
 
 static bool adapter_name_is_valid(const char *s) {
@@ -500,9 +762,26 @@ int gw_config_from_tree(struct adp_conf_node *tree, struct gw_config **ret, stru
         c->log_rate_burst = GW_CONFIG_LOG_RATE_BURST_DEFAULT;
         c->store_stall_timeout_usec = GW_CONFIG_STALL_TIMEOUT_DEFAULT_USEC;
         c->store_check_on_start = false;
+        c->api_max_connections = GW_CONFIG_API_MAX_CONNECTIONS_DEFAULT;
+        c->api_max_connections_per_address = GW_CONFIG_API_MAX_CONNECTIONS_PER_ADDRESS_DEFAULT;
+        c->api_handshake_timeout_usec = GW_CONFIG_API_HANDSHAKE_TIMEOUT_DEFAULT_USEC;
+        c->api_idle_timeout_usec = GW_CONFIG_API_IDLE_TIMEOUT_DEFAULT_USEC;
+        c->api_request_timeout_usec = GW_CONFIG_API_REQUEST_TIMEOUT_DEFAULT_USEC;
+        c->api_max_header_bytes = GW_CONFIG_API_MAX_HEADER_BYTES_DEFAULT;
+        c->api_max_body_bytes = GW_CONFIG_API_MAX_BODY_BYTES_DEFAULT;
+        c->mqtt_max_connections = GW_CONFIG_MQTT_MAX_CONNECTIONS_DEFAULT;
+        c->mqtt_max_connections_per_address = GW_CONFIG_MQTT_MAX_CONNECTIONS_PER_ADDRESS_DEFAULT;
+        c->mqtt_max_inflight = GW_CONFIG_MQTT_MAX_INFLIGHT_DEFAULT;
+        c->mqtt_max_packet_bytes = GW_CONFIG_MQTT_MAX_PACKET_DEFAULT;
+        c->mqtt_max_keep_alive_timeout_usec = GW_CONFIG_MQTT_MAX_KEEP_ALIVE_TIMEOUT_DEFAULT_USEC;
+        c->mqtt_handshake_timeout_usec = GW_CONFIG_MQTT_HANDSHAKE_TIMEOUT_DEFAULT_USEC;
+        c->mqtt_connect_timeout_usec = GW_CONFIG_MQTT_CONNECT_TIMEOUT_DEFAULT_USEC;
         c->state_dir = strdup(FIELDHUB_STATE_DIR);
         c->admin_socket = strdup(FIELDHUB_ADMIN_SOCKET);
         c->host_aliases = calloc(1, sizeof(char *));
+        c->x509_ca_files = calloc(1, sizeof(char *));
+        if (!c->x509_ca_files)
+                return -ENOMEM;
         c->sources = calloc(1, sizeof(char *));
         if (!c->state_dir || !c->admin_socket || !c->host_aliases || !c->sources)
                 return -ENOMEM;
@@ -530,6 +809,21 @@ int gw_config_from_tree(struct adp_conf_node *tree, struct gw_config **ret, stru
                 return r;
         r = parse_adapters(c, t, e);
         if (r < 0)
+                return r;
+        r = parse_service_api(c, t, e);
+        if (r < 0)
+                return r;
+        r = parse_metrics(c, t, e);
+        if (r < 0)
+                return r;
+        r = parse_mqtt(c, t, e);
+        if (r < 0)
+                return r;
+        r = parse_c2d(c, t, e);
+        if (r < 0)
+                return r;
+        r = gw_routing_conf_parse(t, &c->routing, e);
+        if (r == -ENOMEM)
                 return r;
 
         if (adp_conf_errors_total(e) != before)

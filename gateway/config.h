@@ -45,6 +45,8 @@ struct gw_adapter_type {
 /* NULL-terminated (a sentinel with name == NULL) table of the adapter types in this build. */
 extern const struct gw_adapter_type gw_adapter_types[];
 
+struct gw_routing_conf;
+
 struct gw_config {
         char *host_name;                        /* hub.host_name (required) */
         char **host_aliases;                    /* hub.host_aliases, NULL-terminated, never NULL */
@@ -60,6 +62,44 @@ struct gw_config {
         size_t n_policy_keys;
         struct gw_adapter_conf *adapters;       /* adapters */
         size_t n_adapters;
+        /* service_api: (absent = disabled) */
+        bool api_enabled;
+        char **api_listen;                      /* service_api.listen, NULL-terminated */
+        char *api_cert_file;                    /* service_api.tls.cert_file (NULL: generated) */
+        char *api_key_file;                     /* service_api.tls.key_file */
+        char *api_client_ca_file;               /* service_api.tls.client_ca_file */
+        bool api_allow_plaintext;               /* service_api.allow_plaintext (false: TLS) */
+        unsigned api_max_connections;           /* service_api.limits.max_connections */
+        unsigned api_max_connections_per_address;
+        uint64_t api_handshake_timeout_usec;
+        uint64_t api_idle_timeout_usec;
+        uint64_t api_request_timeout_usec;
+        uint64_t api_max_header_bytes;
+        uint64_t api_max_body_bytes;
+        /* mqtt: (absent = disabled; gateway/front/mqtt.c) */
+        bool mqtt_enabled;
+        char **mqtt_listen;                     /* mqtt.listen, NULL-terminated */
+        char *mqtt_cert_file;                   /* mqtt.tls.cert_file (NULL: the generated one) */
+        char *mqtt_key_file;                    /* mqtt.tls.key_file */
+        bool mqtt_allow_plaintext;              /* mqtt.allow_plaintext */
+        unsigned mqtt_max_connections;          /* mqtt.limits.max_connections */
+        unsigned mqtt_max_connections_per_address;
+        unsigned mqtt_max_inflight;             /* mqtt.limits.max_inflight (inbound QoS 1 and C2D window) */
+        uint64_t mqtt_max_packet_bytes;         /* mqtt.limits.max_packet_bytes */
+        uint64_t mqtt_max_keep_alive_timeout_usec; /* mqtt.limits.max_keep_alive_timeout */
+        uint64_t mqtt_handshake_timeout_usec;   /* mqtt.limits.handshake_timeout */
+        uint64_t mqtt_connect_timeout_usec;     /* mqtt.limits.connect_timeout */
+        uint32_t mqtt_max_messages_per_second;  /* mqtt.limits.max_messages_per_second (0 = no limit) */
+        char **x509_ca_files;                   /* hub.x509_ca_files, NULL-terminated, never NULL */
+        /* metrics: */
+        char *metrics_listen;                   /* metrics.listen (NULL: disabled) */
+        bool metrics_allow_non_loopback;        /* metrics.allow_non_loopback */
+        /* c2d: and feedback: (queue options; 0 = hub-core's default) */
+        uint64_t c2d_default_ttl_usec, c2d_max_ttl_usec, c2d_lock_timeout_usec;
+        uint32_t c2d_max_delivery_count, c2d_max_queue_depth, c2d_max_lock_expiries;
+        uint64_t feedback_ttl_usec, feedback_lock_timeout_usec;
+        uint32_t feedback_max_delivery_count;
+        struct gw_routing_conf *routing;        /* endpoints, routes, fallback_route, enrichments, logs_dir (uplink/uplink-config.h) */
         struct adp_conf_node *tree;             /* the merged tree, kept for the adapters' subtrees */
         char **sources;                         /* files read, in order (main, then conf.d), NULL-terminated */
 };
@@ -73,6 +113,24 @@ struct gw_config {
 #define GW_CONFIG_STALL_TIMEOUT_DEFAULT_USEC (UINT64_C(10) * 1000000)
 #define GW_CONFIG_STALL_TIMEOUT_MIN_USEC (UINT64_C(1) * 1000000)
 #define GW_CONFIG_STALL_TIMEOUT_MAX_USEC (UINT64_C(600) * 1000000)
+#define GW_CONFIG_API_LISTEN_DEFAULT "0.0.0.0:443"
+#define GW_CONFIG_API_MAX_CONNECTIONS_DEFAULT 1000u
+#define GW_CONFIG_API_MAX_CONNECTIONS_PER_ADDRESS_DEFAULT 100u
+#define GW_CONFIG_API_HANDSHAKE_TIMEOUT_DEFAULT_USEC (UINT64_C(10) * 1000000)
+#define GW_CONFIG_API_IDLE_TIMEOUT_DEFAULT_USEC (UINT64_C(120) * 1000000)
+#define GW_CONFIG_API_REQUEST_TIMEOUT_DEFAULT_USEC (UINT64_C(30) * 1000000)
+#define GW_CONFIG_API_MAX_HEADER_BYTES_DEFAULT (UINT64_C(32) * 1024)
+#define GW_CONFIG_API_MAX_BODY_BYTES_DEFAULT (UINT64_C(1024) * 1024)
+#define GW_CONFIG_MQTT_LISTEN_DEFAULT "0.0.0.0:8883"
+#define GW_CONFIG_MQTT_MAX_CONNECTIONS_DEFAULT 10000u
+#define GW_CONFIG_MQTT_MAX_CONNECTIONS_PER_ADDRESS_DEFAULT 100u
+#define GW_CONFIG_MQTT_MAX_INFLIGHT_DEFAULT 16u
+/* = GW_MQTT_DEVICE_MAX_PACKET of front/mqtt-codec.h: a QoS 1 PUBLISH of 256 KB with the longest topic */
+#define GW_CONFIG_MQTT_MAX_PACKET_DEFAULT (UINT64_C(1) + 3 + 2 + 65535 + 2 + 256 * 1024)
+#define GW_CONFIG_MQTT_MAX_PACKET_LIMIT (UINT64_C(16) * 1024 * 1024)
+#define GW_CONFIG_MQTT_MAX_KEEP_ALIVE_TIMEOUT_DEFAULT_USEC (UINT64_C(1767) * 1000000)
+#define GW_CONFIG_MQTT_HANDSHAKE_TIMEOUT_DEFAULT_USEC (UINT64_C(10) * 1000000)
+#define GW_CONFIG_MQTT_CONNECT_TIMEOUT_DEFAULT_USEC (UINT64_C(10) * 1000000)
 #define GW_CONFIG_POLICY_KEY_MIN_BYTES 16
 #define GW_CONFIG_POLICY_KEY_MAX_BYTES 64
 

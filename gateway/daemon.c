@@ -10,7 +10,12 @@
 
 #include <systemd/sd-daemon.h>
 
+#include "adapters.h"
+#include "api/api.h"
+#include "front/mqtt.h"
+#include "uplink/uplink.h"
 #include "daemon.h"
+#include "hub.h"
 #include "hub/clock.h"
 #include "hub/msg.h"
 #include "log-ids.h"
@@ -115,7 +120,7 @@ json_t *gw_daemon_status(struct gw_daemon *d) {
 
         return json_pack("{s:s, s:s, s:s, s:o, s:s, s:o, s:I, s:s, s:{s:I, s:I, s:I}, "
                          "s:{s:s, s:b, s:b, s:I, s:I, s:I, s:I, s:I, s:I, s:I}, "
-                         "s:{s:I, s:I, s:s?}, s:I}",
+                         "s:{s:I, s:I, s:s?}, s:I, s:o}",
                          "version", FIELDHUB_VERSION,
                          "status", line,
                          "hostName", d->config->host_name,
@@ -133,7 +138,8 @@ json_t *gw_daemon_status(struct gw_daemon *d) {
                          "lastCommitUsec", (json_int_t) st.last_commit_usec, "dbBytes", (json_int_t) st.db_bytes,
                          "reloads", "ok", (json_int_t) d->reloads_ok, "failed", (json_int_t) d->reloads_failed,
                          "lastError", d->last_reload_error,
-                         "uptimeSec", (json_int_t) ((mono_now() - d->started_mono) / USEC_PER_SEC));
+                         "uptimeSec", (json_int_t) ((mono_now() - d->started_mono) / USEC_PER_SEC),
+                         "serviceApi", d->api ? gw_api_status(d->api) : json_null());
 }
 
 static int on_move_admin(sd_event_source *s, void *userdata) {
@@ -204,9 +210,46 @@ int gw_daemon_reload(struct gw_daemon *d, json_t **ret_errors) {
 
         bool move_admin = !streq(old->admin_socket, nc->admin_socket);
 
+        if (old->c2d_default_ttl_usec != nc->c2d_default_ttl_usec || old->c2d_max_ttl_usec != nc->c2d_max_ttl_usec ||
+            old->c2d_lock_timeout_usec != nc->c2d_lock_timeout_usec ||
+            old->c2d_max_delivery_count != nc->c2d_max_delivery_count ||
+            old->c2d_max_queue_depth != nc->c2d_max_queue_depth ||
+            old->c2d_max_lock_expiries != nc->c2d_max_lock_expiries || old->feedback_ttl_usec != nc->feedback_ttl_usec ||
+            old->feedback_lock_timeout_usec != nc->feedback_lock_timeout_usec ||
+            old->feedback_max_delivery_count != nc->feedback_max_delivery_count)
+                gw_log_warning("c2d: / feedback: changed: this takes effect after a restart, ignoring");
+
+        /* Listeners, TLS material and limits; on failure the running ones stay and the whole
+         * reload is rejected, so the configuration and what runs never disagree. */
+        if (d->api) {
+                r = gw_api_reconfigure(d->api, nc, d->opts.state_dir ? d->opts.state_dir : old->state_dir, hn);
+                if (r < 0) {
+                        (void) apply_policy_keys(d, old);
+                        free(hn);
+                        gw_config_free(nc);
+                        apply_log_config(d, old);
+                        free(d->last_reload_error);
+                        d->last_reload_error = strdup("cannot apply the service API settings (see the log)");
+                        d->reloads_failed++;
+                        gw_log_event(LOG_ERR, 0, GW_MSG_RELOAD_FAILED, "reload-failed",
+                                     "Configuration reload rejected: the service API listeners or TLS material "
+                                     "cannot be applied; keeping the running configuration");
+                        notify_ready(d);
+                        if (ret_errors)
+                                *ret_errors = json_pack("[s]", "cannot apply the service API settings (see the log)");
+                        return -EINVAL;
+                }
+        }
+
         free(d->host_names);
         d->host_names = hn;
+        if (d->mqtt)
+                gw_mqtt_reconfigure(d->mqtt, nc, hn);
         d->config = nc;
+        /* Adapters: only what changed (their items borrow from both trees until here). */
+        (void) gw_adapters_reload(d->adapters, nc);
+        /* Routes and endpoints: cursors survive, unchanged connections stay up. */
+        (void) gw_uplink_reload(d->uplink, nc);
         gw_config_free(old);
         free(d->last_reload_error);
         d->last_reload_error = NULL;
@@ -235,7 +278,10 @@ static int on_signal(sd_event_source *s, const struct signalfd_siginfo *si, void
 
 static int on_store(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         struct gw_daemon *d = userdata;
-        (void) hub_store_dispatch(d->store);
+        if (d->hub)
+                (void) gw_hub_dispatch(d->hub);
+        else
+                (void) hub_store_dispatch(d->store);
         return 0;
 }
 
@@ -311,19 +357,6 @@ static void on_check_progress(void *userdata, uint64_t elapsed) {
         gw_notify_extend_timeout(30 * USEC_PER_SEC);
         gw_notify_status("Checking the store after an unclean stop (%llu s)",
                          (unsigned long long) (elapsed / USEC_PER_SEC));
-}
-
-static void on_registry_event(void *userdata, struct hub_msg *ev) {
-        const char *op = hub_msg_get_prop(ev, "opType", NULL);
-        const char *dev = hub_msg_get_prop(ev, "deviceId", NULL);
-        if (!op || !dev)
-                return;
-        bool created = streq(op, "createDeviceIdentity");
-        gw_log_full(LOG_NOTICE, 0,
-                    GW_FIELDS(.component = "registry", .device = dev,
-                                                   .message_id = created ? GW_MSG_DEVICE_CREATED : GW_MSG_DEVICE_DELETED,
-                                                   .event = op, .no_ratelimit = true),
-                    "Device identity %s %s", dev, created ? "created" : "deleted");
 }
 
 int gw_daemon_start(const struct gw_daemon_options *opts, struct gw_daemon **ret) {
@@ -406,12 +439,10 @@ int gw_daemon_start(const struct gw_daemon_options *opts, struct gw_daemon **ret
                                                    .event = "store-opened"),
                     "Store %s opened", hub_store_path(d->store));
 
-        r = hub_registry_new(d->store, hub_clock_system(), &gw_hub_log, &d->registry);
-        if (r < 0) {
-                gw_log_errno(LOG_ERR, r, "Cannot open the identity registry: %m");
+        r = gw_hub_new(d->event, d->store, d->config, &d->hub);
+        if (r < 0)
                 return 1;
-        }
-        hub_registry_set_event_sink(d->registry, on_registry_event, d);
+        d->registry = d->hub->registry;
         if (apply_policy_keys(d, d->config) < 0)
                 return GW_EXIT_CONFIG;
 
@@ -420,6 +451,24 @@ int gw_daemon_start(const struct gw_daemon_options *opts, struct gw_daemon **ret
                 gw_log_errno(LOG_ERR, r, "Cannot watch the store: %m");
                 return 1;
         }
+
+        r = gw_api_new(d->event, d->hub, d->config, state_dir, d->host_names, &d->api);
+        if (r < 0)
+                return r == -EPERM || r == -EINVAL || r == -ENOENT || r == -EACCES || r == -EBADMSG ? GW_EXIT_CONFIG : 1;
+
+        r = gw_mqtt_new(d->event, d->hub, d->config, state_dir, d->host_names, &d->mqtt);
+        if (r < 0)
+                return r == -EPERM || r == -EINVAL || r == -ENOENT || r == -EACCES || r == -EBADMSG ? GW_EXIT_CONFIG : 1;
+
+        r = gw_adapters_start(d->event, d->hub, d->config, &d->adapters);
+        if (r < 0) {
+                gw_log_errno(LOG_ERR, r, "Cannot start the adapters: %m");
+                return 1;
+        }
+
+        r = gw_uplink_new(d->event, d->hub, d->config, &d->uplink);
+        if (r < 0)
+                return 1;
 
         r = gw_admin_start(d, d->config->admin_socket, &d->admin);
         if (r < 0)
@@ -457,10 +506,17 @@ struct gw_daemon *gw_daemon_free(struct gw_daemon *d) {
         if (!d)
                 return NULL;
         bool started = d->store != NULL;
+        /* The API first: internal calls still waiting get their answer while the admin
+         * socket's clients are alive. Then the hub, before the store closes. */
+        d->api = gw_api_free(d->api);
+        d->mqtt = gw_mqtt_free(d->mqtt);
         d->admin = gw_admin_stop(d->admin);
         d->watchdog_source = sd_event_source_disable_unref(d->watchdog_source);
         d->housekeeping_source = sd_event_source_disable_unref(d->housekeeping_source);
-        d->registry = hub_registry_free(d->registry);
+        d->adapters = gw_adapters_stop(d->adapters);
+        d->uplink = gw_uplink_free(d->uplink);
+        d->hub = gw_hub_free(d->hub);
+        d->registry = NULL;
         d->store_source = sd_event_source_disable_unref(d->store_source);
         /* Drains every pending write and delivers its completion before closing. */
         d->store = hub_store_close(d->store);

@@ -14,7 +14,12 @@
 #include "hub/registry.h"
 #include "hub/store.h"
 
+struct gw_adapters;
 struct gw_admin;
+struct gw_api;
+struct gw_mqtt;
+struct gw_uplink;
+struct gw_hub;
 
 struct gw_daemon_options {
         const char *config_path;
@@ -28,8 +33,14 @@ struct gw_daemon {
         sd_event *event;
         struct gw_config *config;
         struct hub_store *store;
-        struct hub_registry *registry;
+        struct gw_hub *hub;         /* hub-core's modules and their timers (hub.h) */
+        struct hub_registry *registry; /* borrowed from hub */
+        struct gw_api *api;         /* the service REST API (api/api.h); also serves the admin socket
+                                     * through gw_api_call_internal(). Always present once started. */
+        struct gw_mqtt *mqtt;       /* the MQTT device interface (front/mqtt.h) */
         struct gw_admin *admin;
+        struct gw_adapters *adapters; /* field adapters and their devices (adapters.h) */
+        struct gw_uplink *uplink;   /* route endpoints reading the outbox (uplink/uplink.h) */
         char **host_names;          /* host_name then aliases, NULL-terminated (borrowed from config) */
 
         sd_event_source *store_source;

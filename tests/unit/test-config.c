@@ -125,7 +125,7 @@ static void test_syntax(void) {
         EXPECT("hub:\n  host_name: a.b\n  host_name: c.d\n",
                "t.yaml:3:3: hub.host_name: duplicate key \"host_name\" (first defined at line 2, column 3), expected each key once");
         EXPECT(BASE "? [a, b]\n: 1\n", "t.yaml:3:3: ?: found a sequence as a key, expected a key name");
-        EXPECT("- hub\n", "t.yaml:1:1: found a sequence, expected a mapping with the keys: hub, state_dir, log, store, admin, adapters");
+        EXPECT("- hub\n", "t.yaml:1:1: found a sequence, expected a mapping with the keys: hub, state_dir, log, store, admin, adapters, service_api, metrics, c2d, feedback, mqtt, endpoints, routes, fallback_route, enrichments, logs_dir");
         EXPECT("", "t.yaml:1:1: missing required key \"hub\"");
         EXPECT("# only a comment\n", "t.yaml:1:1: missing required key \"hub\"");
 
@@ -138,12 +138,12 @@ static void test_syntax(void) {
 
 static void test_schema_errors(void) {
         EXPECT("hub:\n  hots_name: gw.example.local\n",
-               "t.yaml:2:3: hub.hots_name: unknown key \"hots_name\" (did you mean \"host_name\"?); expected one of: host_name, host_aliases, policies",
+               "t.yaml:2:3: hub.hots_name: unknown key \"hots_name\" (did you mean \"host_name\"?); expected one of: host_name, host_aliases, policies, x509_ca_files",
                "t.yaml:2:3: hub: missing required key \"host_name\"");
         EXPECT(BASE "stor:\n  check_on_start: true\n",
-               "t.yaml:3:1: stor: unknown key \"stor\" (did you mean \"store\"?); expected one of: hub, state_dir, log, store, admin, adapters");
-        EXPECT(BASE "routes: []\n",
-               "t.yaml:3:1: routes: unknown key \"routes\"; expected one of: hub, state_dir, log, store, admin, adapters");
+               "t.yaml:3:1: stor: unknown key \"stor\" (did you mean \"store\"?); expected one of: hub, state_dir, log, store, admin, adapters, service_api, metrics, c2d, feedback, mqtt, endpoints, routes, fallback_route, enrichments, logs_dir");
+        EXPECT(BASE "bogus: []\n",
+               "t.yaml:3:1: bogus: unknown key \"bogus\"; expected one of: hub, state_dir, log, store, admin, adapters, service_api, metrics, c2d, feedback, mqtt, endpoints, routes, fallback_route, enrichments, logs_dir");
         EXPECT("hub:\n  host_name:\n    a: b\n", "t.yaml:3:5: hub.host_name: found a mapping, expected a string");
         EXPECT("hub:\n  host_name: [a.b]\n", "t.yaml:2:14: hub.host_name: found a sequence, expected a string");
         EXPECT("hub:\n  host_name:\n", "t.yaml:2:13: hub.host_name: found null, expected a value");
@@ -227,7 +227,7 @@ static void test_many_errors(void) {
                "store:\n"
                "  stall_timeout: 1y\n"
                "  check_on_start: 2\n",
-               "t.yaml:3:3: hub.host_aliasses: unknown key \"host_aliasses\" (did you mean \"host_aliases\"?); expected one of: host_name, host_aliases, policies",
+               "t.yaml:3:3: hub.host_aliasses: unknown key \"host_aliasses\" (did you mean \"host_aliases\"?); expected one of: host_name, host_aliases, policies, x509_ca_files",
                "t.yaml:2:14: hub.host_name: found \"gateway\", expected a host name containing at least one dot",
                "t.yaml:4:12: state_dir: found \"relative\", expected an absolute path",
                "t.yaml:6:10: log.level: found \"loud\", expected one of: emerg, alert, crit, err, warning, notice, info, debug",
@@ -469,6 +469,54 @@ static void test_defaults(void) {
 
         /* Empty sections and a null log: defaults too. */
         EXPECT_OK(BASE "log:\nstore: {}\nadapters:\n");
+
+        /* No service API, no metrics listener, hub-core's queue defaults. */
+        ASSERT_FALSE(c->api_enabled);
+        ASSERT_NULL(c->metrics_listen);
+        ASSERT_EQ(c->c2d_max_queue_depth, 0);
+        ASSERT_EQ(c->api_idle_timeout_usec, GW_CONFIG_API_IDLE_TIMEOUT_DEFAULT_USEC);
+}
+
+static void test_service_api(void) {
+        struct adp_conf_errors e = {};
+        _cleanup_(gw_config_freep) struct gw_config *c = NULL;
+        _cleanup_free_ char *p = write_file("api.yaml",
+                BASE "service_api:\n  listen: [\"127.0.0.1:0\", \"[::1]:8443\"]\n  limits:\n    idle_timeout: 5s\n"
+                     "    max_body_bytes: 64KiB\nmetrics:\n  listen: localhost:9100\n"
+                     "c2d:\n  default_ttl: 2h\n  max_queue_depth: 7\nfeedback:\n  lock_timeout: 30s\n", 0644);
+
+        ASSERT_OK(gw_config_load(p, NULL, &c, &e));
+        ASSERT_TRUE(c->api_enabled);
+        ASSERT_STREQ(c->api_listen[0], "127.0.0.1:0");
+        ASSERT_STREQ(c->api_listen[1], "[::1]:8443");
+        ASSERT_NULL(c->api_listen[2]);
+        ASSERT_NULL(c->api_cert_file);
+        ASSERT_EQ(c->api_idle_timeout_usec, 5 * 1000000);
+        ASSERT_EQ(c->api_max_body_bytes, 64 * 1024);
+        ASSERT_EQ(c->api_max_header_bytes, GW_CONFIG_API_MAX_HEADER_BYTES_DEFAULT);
+        ASSERT_STREQ(c->metrics_listen, "localhost:9100");
+        ASSERT_EQ(c->c2d_default_ttl_usec, UINT64_C(7200) * 1000000);
+        ASSERT_EQ(c->c2d_max_queue_depth, 7);
+        ASSERT_EQ(c->feedback_lock_timeout_usec, 30 * 1000000);
+
+        /* Default listen address when the section is there without one. */
+        gw_config_free(TAKE_PTR(c));
+        _cleanup_free_ char *p2 = write_file("api2.yaml", BASE "service_api: {}\n", 0644);
+        ASSERT_OK(gw_config_load(p2, NULL, &c, &e));
+        ASSERT_STREQ(c->api_listen[0], GW_CONFIG_API_LISTEN_DEFAULT);
+        ASSERT_NULL(c->api_listen[1]);
+
+        EXPECT(BASE "service_api:\n  listen: [\"example.com:443\"]\n",
+               "t.yaml:4:12: service_api.listen[0]: found \"example.com:443\", expected an address:port with an IP literal or localhost, e.g. \"0.0.0.0:443\", \"[::]:443\" or \"127.0.0.1:9100\"");
+        EXPECT(BASE "service_api:\n  tls:\n    cert_file: /a.pem\n",
+               "t.yaml:5:5: service_api.tls: found only cert_file, expected both cert_file and key_file (or neither: a certificate is then generated in the state directory)");
+        EXPECT(BASE "service_api:\n  limits:\n    idle_timout: 5s\n",
+               "t.yaml:5:5: service_api.limits.idle_timout: unknown key \"idle_timout\" (did you mean \"idle_timeout\"?); expected one of: max_connections, max_connections_per_address, handshake_timeout, idle_timeout, request_timeout, max_header_bytes, max_body_bytes");
+        EXPECT(BASE "metrics:\n  listen: 0.0.0.0:9100\n",
+               "t.yaml:4:11: metrics.listen: found the non-loopback address \"0.0.0.0:9100\", expected a loopback address (the metrics listener has no authentication; set allow_non_loopback: true to expose it anyway)");
+        EXPECT_OK(BASE "metrics:\n  listen: 0.0.0.0:9100\n  allow_non_loopback: true\n");
+        EXPECT(BASE "c2d:\n  default_ttl: 2h\n  max_ttl: 1h\n",
+               "t.yaml:5:12: c2d.max_ttl: found a max_ttl shorter than default_ttl (7200 s), expected at least default_ttl");
 }
 
 static void test_full(void) {
@@ -804,6 +852,7 @@ static void test_fixtures(void) {
 int main(void) {
         test_tmpdir(tmp, sizeof tmp);
         TEST_RUN(test_syntax);
+        TEST_RUN(test_service_api);
         TEST_RUN(test_schema_errors);
         TEST_RUN(test_many_errors);
         TEST_RUN(test_tree);

@@ -1,0 +1,400 @@
+/* SPDX-License-Identifier: MIT */
+/* The mqtt endpoint: any MQTT 3.1.1 broker through paho.mqtt.c's MQTTAsync, with
+ * MQTTCLIENT_PERSISTENCE_NONE (the outbox is the persistence), QoS 1, optional TLS with a
+ * CA file and a client certificate, user name + password from a key file. The topic is a
+ * template: {deviceId}, {moduleId}, {endpoint}, or {name} for an application property
+ * (an absent one expands to nothing; '/', '+', '#' in values become '_').
+ *
+ * paho calls back from its own threads. Those callbacks only append a small record to a
+ * mutex-protected inbox and write an eventfd; the loop drains the inbox and calls the
+ * framework. A publish's token maps back to its sequence number on the loop thread, and the
+ * cursor moves only on the publish's success callback (PUBACK). */
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <MQTTAsync.h>
+#include <systemd/sd-event.h>
+
+#include "endpoint.h"
+#include "hub/clock.h"
+#include "hub/msg.h"
+#include "log.h"
+
+enum ev_kind { EV_CONNECTED, EV_CONNECT_FAILED, EV_LOST, EV_PUB_OK, EV_PUB_FAILED };
+
+struct mqtt_ev {
+        enum ev_kind kind;
+        unsigned gen;
+        int token, code;
+        struct mqtt_ev *next;
+};
+
+struct pending {
+        int token;
+        uint64_t seq;
+};
+
+struct mqtt_ep {
+        struct gw_endpoint *ep;
+        MQTTAsync client;
+        char *address, *client_id, *topic, *username, *password, *ca_file, *cert_file, *key_file;
+        unsigned qos, window;
+        int keep_alive_sec, timeout_sec;
+        unsigned gen;      /* connection generation: stale connect / lost events are ignored */
+        bool connected;
+        /* the inbox */
+        pthread_mutex_t lock;
+        struct mqtt_ev *head, *tail;
+        int efd;
+        sd_event_source *efd_source;
+        /* token → seq of publishes in flight (loop thread only) */
+        struct pending *pend;
+        size_t n_pend, cap_pend;
+};
+
+static void post(struct mqtt_ep *m, enum ev_kind kind, unsigned gen, int token, int code) {
+        struct mqtt_ev *e = malloc(sizeof *e);
+        if (!e)
+                return; /* the connection is then considered stuck by keep-alive / resend */
+        *e = (struct mqtt_ev) { .kind = kind, .gen = gen, .token = token, .code = code };
+        pthread_mutex_lock(&m->lock);
+        if (m->tail)
+                m->tail->next = e;
+        else
+                m->head = e;
+        m->tail = e;
+        pthread_mutex_unlock(&m->lock);
+        uint64_t one = 1;
+        (void) !write(m->efd, &one, sizeof one);
+}
+
+/* ---- paho's threads --------------------------------------------------------------------- */
+
+/* The generation travels in the context pointer's companion: connect callbacks carry it in
+ * a small heap cell freed on the loop. */
+struct conn_ctx {
+        struct mqtt_ep *m;
+        unsigned gen;
+};
+
+static void on_connect_ok(void *context, MQTTAsync_successData *resp) {
+        struct conn_ctx *c = context;
+        post(c->m, EV_CONNECTED, c->gen, 0, 0);
+        free(c);
+}
+
+static void on_connect_fail(void *context, MQTTAsync_failureData *resp) {
+        struct conn_ctx *c = context;
+        post(c->m, EV_CONNECT_FAILED, c->gen, 0, resp ? resp->code : -1);
+        free(c);
+}
+
+static void on_lost(void *context, char *cause) {
+        struct mqtt_ep *m = context;
+        post(m, EV_LOST, 0, 0, 0); /* gen 0: applies to the current connection */
+}
+
+static int on_arrived(void *context, char *topic, int topic_len, MQTTAsync_message *msg) {
+        MQTTAsync_freeMessage(&msg);
+        MQTTAsync_free(topic);
+        return 1;
+}
+
+static void on_pub_ok(void *context, MQTTAsync_successData *resp) {
+        post(context, EV_PUB_OK, 0, resp ? resp->token : 0, 0);
+}
+
+static void on_pub_fail(void *context, MQTTAsync_failureData *resp) {
+        post(context, EV_PUB_FAILED, 0, resp ? resp->token : 0, resp ? resp->code : -1);
+}
+
+/* ---- the loop ---------------------------------------------------------------------------- */
+
+static bool take_pending(struct mqtt_ep *m, int token, uint64_t *ret_seq) {
+        for (size_t i = 0; i < m->n_pend; i++)
+                if (m->pend[i].token == token) {
+                        *ret_seq = m->pend[i].seq;
+                        m->pend[i] = m->pend[--m->n_pend];
+                        return true;
+                }
+        return false;
+}
+
+static int on_inbox(sd_event_source *s, int fd, uint32_t revents, void *ud) {
+        struct mqtt_ep *m = ud;
+        uint64_t v;
+        (void) !read(m->efd, &v, sizeof v);
+        pthread_mutex_lock(&m->lock);
+        struct mqtt_ev *e = m->head;
+        m->head = m->tail = NULL;
+        pthread_mutex_unlock(&m->lock);
+        while (e) {
+                struct mqtt_ev *next = e->next;
+                uint64_t seq;
+                char why[128];
+                switch (e->kind) {
+                case EV_CONNECTED:
+                        if (e->gen == m->gen) {
+                                m->connected = true;
+                                gw_endpoint_up(m->ep);
+                        }
+                        break;
+                case EV_CONNECT_FAILED:
+                        if (e->gen == m->gen) {
+                                snprintf(why, sizeof why, "cannot connect to %s (paho code %d)", m->address, e->code);
+                                gw_endpoint_down(m->ep, -ECONNREFUSED, why);
+                        }
+                        break;
+                case EV_LOST:
+                        if (m->connected) {
+                                m->connected = false;
+                                snprintf(why, sizeof why, "connection to %s lost", m->address);
+                                gw_endpoint_down(m->ep, -ECONNRESET, why);
+                        }
+                        break;
+                case EV_PUB_OK:
+                        if (take_pending(m, e->token, &seq))
+                                gw_endpoint_confirm(m->ep, seq, 0);
+                        break;
+                case EV_PUB_FAILED:
+                        if (take_pending(m, e->token, &seq) && m->connected) {
+                                snprintf(why, sizeof why, "publish failed (paho code %d)", e->code);
+                                m->connected = false;
+                                gw_endpoint_down(m->ep, -EIO, why);
+                        }
+                        break;
+                }
+                free(e);
+                e = next;
+        }
+        return 0;
+}
+
+static char *dup_or_null(const char *s) {
+        return s ? strdup(s) : NULL;
+}
+
+static void mqtt_destroy(void *t);
+
+static int mqtt_create(struct gw_endpoint *ep, const struct gw_endpoint_conf *c, void **ret) {
+        struct mqtt_ep *m = calloc(1, sizeof *m);
+        char cid[96];
+        int r;
+        if (!m)
+                return -ENOMEM;
+        m->ep = ep;
+        m->efd = -1;
+        pthread_mutex_init(&m->lock, NULL);
+        if (!c->client_id) {
+                char host[64] = "fieldhub";
+                (void) gethostname(host, sizeof host - 1);
+                host[sizeof host - 1] = 0;
+                snprintf(cid, sizeof cid, "fieldhub-%s-%s", host, c->name);
+        }
+        /* Accept mqtt:// and mqtts:// as spellings of tcp:// and ssl://. */
+        if (strncmp(c->address, "mqtts://", 8) == 0)
+                r = asprintf(&m->address, "ssl://%s", c->address + 8);
+        else if (strncmp(c->address, "mqtt://", 7) == 0)
+                r = asprintf(&m->address, "tcp://%s", c->address + 7);
+        else
+                r = (m->address = strdup(c->address)) ? 0 : -1;
+        m->client_id = strdup(c->client_id ? c->client_id : cid);
+        m->topic = strdup(c->topic);
+        m->username = dup_or_null(c->username);
+        m->password = dup_or_null(c->password);
+        m->ca_file = dup_or_null(c->ca_file);
+        m->cert_file = dup_or_null(c->cert_file);
+        m->key_file = dup_or_null(c->key_file);
+        m->qos = c->qos;
+        m->window = c->inflight;
+        m->keep_alive_sec = (int) (c->keep_alive_usec / USEC_PER_SEC);
+        m->timeout_sec = (int) ((c->timeout_usec + USEC_PER_SEC - 1) / USEC_PER_SEC);
+        if (r < 0 || !m->address || !m->client_id || !m->topic || (c->username && !m->username) ||
+            (c->password && !m->password)) {
+                mqtt_destroy(m);
+                return -ENOMEM;
+        }
+        if (m->password)
+                (void) gw_log_add_secret(m->password);
+        m->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        if (m->efd < 0) {
+                r = -errno;
+                mqtt_destroy(m);
+                return r;
+        }
+        r = sd_event_add_io(gw_endpoint_event(ep), &m->efd_source, m->efd, EPOLLIN, on_inbox, m);
+        if (r < 0) {
+                mqtt_destroy(m);
+                return r;
+        }
+        MQTTAsync_createOptions co = MQTTAsync_createOptions_initializer;
+        co.sendWhileDisconnected = 0;
+        co.maxBufferedMessages = (int) m->window;
+        r = MQTTAsync_createWithOptions(&m->client, m->address, m->client_id, MQTTCLIENT_PERSISTENCE_NONE, NULL, &co);
+        if (r != MQTTASYNC_SUCCESS) {
+                gw_log_error("Endpoint %s: paho cannot create a client for %s (code %d)", c->name, m->address, r);
+                mqtt_destroy(m);
+                return -EINVAL;
+        }
+        r = MQTTAsync_setCallbacks(m->client, m, on_lost, on_arrived, NULL);
+        if (r != MQTTASYNC_SUCCESS) {
+                mqtt_destroy(m);
+                return -EINVAL;
+        }
+        *ret = m;
+        return 0;
+}
+
+static int mqtt_connect(void *t) {
+        struct mqtt_ep *m = t;
+        MQTTAsync_connectOptions o = MQTTAsync_connectOptions_initializer;
+        MQTTAsync_SSLOptions ssl = MQTTAsync_SSLOptions_initializer;
+        struct conn_ctx *c = malloc(sizeof *c);
+        if (!c)
+                return -ENOMEM;
+        m->gen++;
+        m->n_pend = 0;
+        *c = (struct conn_ctx) { .m = m, .gen = m->gen };
+        o.keepAliveInterval = m->keep_alive_sec;
+        o.cleansession = 1;
+        o.connectTimeout = m->timeout_sec;
+        o.maxInflight = (int) m->window;
+        o.onSuccess = on_connect_ok;
+        o.onFailure = on_connect_fail;
+        o.context = c;
+        o.username = m->username;
+        o.password = m->password;
+        if (strncmp(m->address, "ssl://", 6) == 0) {
+                ssl.trustStore = m->ca_file;
+                ssl.keyStore = m->cert_file;
+                ssl.privateKey = m->key_file;
+                ssl.enableServerCertAuth = 1;
+                ssl.verify = 1;
+                o.ssl = &ssl;
+        }
+        int r = MQTTAsync_connect(m->client, &o);
+        if (r != MQTTASYNC_SUCCESS) {
+                free(c);
+                char why[128];
+                snprintf(why, sizeof why, "paho refused to connect to %s (code %d)", m->address, r);
+                gw_endpoint_down(m->ep, -EIO, why);
+        }
+        return 0;
+}
+
+static void expand_topic(const struct mqtt_ep *m, const struct gw_ep_item *it, char *out, size_t size) {
+        size_t o = 0;
+        for (const char *p = m->topic; *p && o + 1 < size; p++) {
+                if (*p != '{') {
+                        out[o++] = *p;
+                        continue;
+                }
+                const char *end = strchr(p, '}');
+                char field[128];
+                size_t fl = (size_t) (end - p - 1);
+                if (fl >= sizeof field)
+                        fl = sizeof field - 1;
+                memcpy(field, p + 1, fl);
+                field[fl] = 0;
+                const char *v = NULL;
+                if (streq(field, "deviceId"))
+                        v = it->device_id;
+                else if (streq(field, "moduleId"))
+                        v = it->module_id;
+                else if (streq(field, "endpoint"))
+                        v = gw_endpoint_name(m->ep);
+                else
+                        v = hub_msg_get_prop(it->msg, field, NULL);
+                for (; v && *v && o + 1 < size; v++)
+                        out[o++] = (*v == '/' || *v == '+' || *v == '#') ? '_' : *v;
+                p = end;
+        }
+        out[o] = 0;
+}
+
+static int mqtt_send(void *t, const struct gw_ep_item *items, size_t n) {
+        struct mqtt_ep *m = t;
+        char topic[1024];
+        if (!m->connected)
+                return -ENOTCONN;
+        for (size_t i = 0; i < n; i++) {
+                MQTTAsync_responseOptions ro = MQTTAsync_responseOptions_initializer;
+                size_t len;
+                const void *body = hub_msg_body(items[i].msg, &len);
+                ro.onSuccess = on_pub_ok;
+                ro.onFailure = on_pub_fail;
+                ro.context = m;
+                expand_topic(m, &items[i], topic, sizeof topic);
+                if (m->n_pend == m->cap_pend) {
+                        size_t cap = m->cap_pend ? m->cap_pend * 2 : 64;
+                        struct pending *p = realloc(m->pend, cap * sizeof *p);
+                        if (!p)
+                                return -ENOMEM;
+                        m->pend = p;
+                        m->cap_pend = cap;
+                }
+                int r = MQTTAsync_send(m->client, topic, (int) len, body, (int) m->qos, 0, &ro);
+                if (r != MQTTASYNC_SUCCESS) {
+                        gw_log_full(LOG_DEBUG, 0, GW_FIELDS(.component = "uplink", .endpoint = gw_endpoint_name(m->ep)),
+                                    "paho refused a publish (code %d)", r);
+                        m->connected = false;
+                        return -EIO;
+                }
+                m->pend[m->n_pend++] = (struct pending) { .token = ro.token, .seq = items[i].seq };
+        }
+        return 0;
+}
+
+static void mqtt_disconnect(void *t) {
+        struct mqtt_ep *m = t;
+        m->connected = false;
+        m->n_pend = 0;
+        if (m->client && MQTTAsync_isConnected(m->client)) {
+                MQTTAsync_disconnectOptions d = MQTTAsync_disconnectOptions_initializer;
+                d.timeout = 0;
+                (void) MQTTAsync_disconnect(m->client, &d);
+        }
+        m->gen++; /* whatever is under way belongs to the old connection */
+}
+
+static void mqtt_destroy(void *t) {
+        struct mqtt_ep *m = t;
+        if (m->client)
+                MQTTAsync_destroy(&m->client);
+        sd_event_source_disable_unref(m->efd_source);
+        if (m->efd >= 0)
+                close(m->efd);
+        for (struct mqtt_ev *e = m->head, *n; e; e = n) {
+                n = e->next;
+                free(e);
+        }
+        pthread_mutex_destroy(&m->lock);
+        free(m->address);
+        free(m->client_id);
+        free(m->topic);
+        free(m->username);
+        if (m->password) {
+                hub_explicit_bzero(m->password, strlen(m->password));
+                free(m->password);
+        }
+        free(m->ca_file);
+        free(m->cert_file);
+        free(m->key_file);
+        free(m->pend);
+        free(m);
+}
+
+const struct gw_endpoint_ops gw_endpoint_mqtt_ops = {
+        .type = "mqtt",
+        .create = mqtt_create,
+        .connect = mqtt_connect,
+        .send = mqtt_send,
+        .disconnect = mqtt_disconnect,
+        .destroy = mqtt_destroy,
+};

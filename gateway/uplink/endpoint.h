@@ -1,0 +1,76 @@
+/* SPDX-License-Identifier: MIT */
+#pragma once
+
+/* The endpoint framework: every route endpoint (mqtt, http, file, and later the cloud
+ * `upstream`) reads the outbox through its own durable cursor and only differs in its
+ * transport, an ops table below.
+ *
+ * The framework (uplink.c) owns the reading: it reads batches after what it has already
+ * handed out, routes each message (the route conditions, with the sender's twin for `$twin`
+ * references), applies the endpoint's enrichments, and hands the messages routed to this
+ * endpoint to the transport's send(). The transport reports each message's outcome with
+ * gw_endpoint_confirm() once the far side confirmed it; the cursor moves (durably, through
+ * hub_outbox_ack()) over every message up to the first one not yet confirmed, so delivery is
+ * at-least-once and in order. The in-flight window bounds what is sent and not confirmed.
+ *
+ * State machine:   STOPPED → CONNECTING → UP ⇄ (send, confirm)
+ *                                  ↑         ↓ gw_endpoint_down()
+ *                                  └─ BACKOFF (retry.initial doubling to retry.max, ±25% jitter)
+ * Going down forgets everything unconfirmed: the next connection resends from the cursor
+ * (duplicates possible, nothing lost). An endpoint that is down never blocks the others:
+ * each has its own cursor, and the outbox's capacity policy (drop-oldest / reject-new)
+ * bounds what it holds.
+ *
+ * Every callback runs on the loop thread. A transport whose library calls back from its own
+ * threads (paho) hands results to the loop itself (an eventfd inbox) before calling these. */
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "uplink-config.h"
+
+struct gw_endpoint;
+struct hub_msg;
+struct sd_event;
+
+/* One message handed to a transport; borrowed for the duration of send() only. */
+struct gw_ep_item {
+        uint64_t seq;
+        uint64_t enqueued_usec;   /* wall clock */
+        const char *device_id;
+        const char *module_id;    /* NULL for devices */
+        struct hub_msg *msg;      /* enriched */
+};
+
+struct gw_endpoint_ops {
+        const char *type;
+        /* Creates the transport's state for ep from conf (borrowed during the call). No I/O
+         * yet. -errno (logged by the framework). */
+        int (*create)(struct gw_endpoint *ep, const struct gw_endpoint_conf *conf, void **ret);
+        /* Starts connecting. Later (or from within) calls gw_endpoint_up() or
+         * gw_endpoint_down(). A negative return counts as down. */
+        int (*connect)(void *t);
+        /* Sends n >= 1 items in order. Each gets gw_endpoint_confirm() later (or from within).
+         * A negative return means the connection is unusable (the framework goes down). */
+        int (*send)(void *t, const struct gw_ep_item *items, size_t n);
+        /* Drops the connection (after gw_endpoint_down(), or before destroy). Outstanding
+         * confirmations may still arrive and are ignored. */
+        void (*disconnect)(void *t);
+        void (*destroy)(void *t);
+};
+
+extern const struct gw_endpoint_ops gw_endpoint_file_ops;
+extern const struct gw_endpoint_ops gw_endpoint_mqtt_ops;
+
+/* For transports. */
+void gw_endpoint_up(struct gw_endpoint *ep);
+/* error: -errno; why: a short text for the log and `fieldhubctl endpoints` (copied). */
+void gw_endpoint_down(struct gw_endpoint *ep, int error, const char *why);
+/* The far side confirmed (result >= 0) or refused (result < 0: the framework goes down and
+ * resends later; a transport that knows a message will never be accepted logs it and
+ * confirms it with 0 after counting it as poison, see gw_endpoint_count_poison()). */
+void gw_endpoint_confirm(struct gw_endpoint *ep, uint64_t seq, int result);
+void gw_endpoint_count_poison(struct gw_endpoint *ep, uint64_t seq, const char *why);
+const char *gw_endpoint_name(const struct gw_endpoint *ep);
+struct sd_event *gw_endpoint_event(const struct gw_endpoint *ep);

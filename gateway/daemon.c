@@ -2,6 +2,7 @@
 /* fieldhubd lifecycle: start, the loop, reload on SIGHUP, graceful stop, the watchdog. */
 
 #include <errno.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,6 +14,7 @@
 #include "adapters.h"
 #include "api/api.h"
 #include "front/mqtt.h"
+#include "front/coap.h"
 #include "uplink/uplink.h"
 #include "daemon.h"
 #include "hub.h"
@@ -187,6 +189,8 @@ int gw_daemon_reload(struct gw_daemon *d, json_t **ret_errors) {
                                old->state_dir, nc->state_dir);
         if (old->store_stall_timeout_usec != nc->store_stall_timeout_usec)
                 gw_log_warning("store.stall_timeout changed: this takes effect after a restart, ignoring");
+        if (old->store_max_size != nc->store_max_size)
+                gw_log_warning("store.max_size changed: this takes effect after a restart, ignoring");
 
         char **hn = host_names_of(nc);
         if (!hn) {
@@ -419,6 +423,7 @@ int gw_daemon_start(const struct gw_daemon_options *opts, struct gw_daemon **ret
                 .check_progress = on_check_progress,
                 .userdata = d,
                 .force_check = d->config->store_check_on_start,
+                .max_size = d->config->store_max_size,
                 .errbuf = errbuf,
                 .errbuf_size = sizeof errbuf,
         };
@@ -459,6 +464,10 @@ int gw_daemon_start(const struct gw_daemon_options *opts, struct gw_daemon **ret
         r = gw_mqtt_new(d->event, d->hub, d->config, state_dir, d->host_names, &d->mqtt);
         if (r < 0)
                 return r == -EPERM || r == -EINVAL || r == -ENOENT || r == -EACCES || r == -EBADMSG ? GW_EXIT_CONFIG : 1;
+
+        r = gw_coap_new(d->event, d->hub, d->config, &d->coap);
+        if (r < 0)
+                return r == -EINVAL || r == -EADDRNOTAVAIL || r == -EOPNOTSUPP ? GW_EXIT_CONFIG : 1;
 
         r = gw_adapters_start(d->event, d->hub, d->config, &d->adapters);
         if (r < 0) {
@@ -502,13 +511,40 @@ int gw_daemon_run(struct gw_daemon *d) {
         return 0;
 }
 
+/* Waits (bounded) until every submitted store write has committed and its completion has
+ * run on this thread. Completions may submit further writes; those are drained too. */
+static void drain_store(struct gw_daemon *d, uint64_t budget_usec) {
+        if (!d->store)
+                return;
+        uint64_t deadline = mono_now() + budget_usec;
+        for (;;) {
+                struct hub_store_stats st;
+                int n = hub_store_dispatch(d->store);
+                hub_store_get_stats(d->store, &st);
+                if (st.pending == 0 && n == 0)
+                        break;
+                uint64_t now = mono_now();
+                if (now >= deadline) {
+                        gw_log_warning("Stopping with %llu store writes still pending; they complete at close",
+                                       (unsigned long long) st.pending);
+                        break;
+                }
+                struct pollfd p = { .fd = hub_store_get_fd(d->store), .events = POLLIN };
+                (void) poll(&p, 1, 20);
+        }
+}
+
 struct gw_daemon *gw_daemon_free(struct gw_daemon *d) {
         if (!d)
                 return NULL;
         bool started = d->store != NULL;
+        /* Completions of writes still in flight (an MQTT PUBACK, an API answer) point at the
+         * objects below: deliver them while those objects are alive, then free. */
+        drain_store(d, 1500 * USEC_PER_MSEC);
         /* The API first: internal calls still waiting get their answer while the admin
          * socket's clients are alive. Then the hub, before the store closes. */
         d->api = gw_api_free(d->api);
+        d->coap = gw_coap_free(d->coap);
         d->mqtt = gw_mqtt_free(d->mqtt);
         d->admin = gw_admin_stop(d->admin);
         d->watchdog_source = sd_event_source_disable_unref(d->watchdog_source);

@@ -27,18 +27,34 @@ setup() { # dir, meson options...
 }
 
 status=0
+build_failures=0
+logs=""
+# A build that fails counts as one failed test, so the totals line is always printed.
+run_suite() { # dir, meson test arguments...
+        dir=$1
+        shift
+        if ninja -C "$dir" >"$dir.build.log" 2>&1; then
+                meson test -C "$dir" --print-errorlogs --no-rebuild "$@" || status=1
+                logs="$logs $top/$dir/meson-logs/testlog.json"
+        else
+                tail -n 40 "$dir.build.log" >&2
+                echo "run-all: the build in $dir failed" >&2
+                build_failures=$((build_failures + 1))
+                status=1
+        fi
+}
+
 setup build-ci -Dwerror=true -Db_sanitize=address,undefined -Db_lundef=false
-ninja -C build-ci >/dev/null
-meson test -C build-ci --print-errorlogs --no-rebuild || status=1
+run_suite build-ci
 
 CC=clang setup build-fuzz -Dwerror=true -Dfuzzing=true -Db_sanitize=address,undefined -Db_lundef=false
-ninja -C build-fuzz >/dev/null
-meson test -C build-fuzz --suite fuzz --print-errorlogs --no-rebuild || status=1
+run_suite build-fuzz --suite fuzz
 
-python3 - "$top/build-ci/meson-logs/testlog.json" "$top/build-fuzz/meson-logs/testlog.json" <<'PY'
+python3 - "$build_failures" $logs <<'PY'
 import json, sys
-p = f = s = 0
-for path in sys.argv[1:]:
+p = s = 0
+f = int(sys.argv[1])
+for path in sys.argv[2:]:
     for line in open(path):
         r = json.loads(line)["result"]
         if r in ("OK", "EXPECTEDFAIL"):

@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,6 +14,8 @@
 
 #include "adapters.h"
 #include "adp-modbus.h"
+#include "adp-serial.h"
+#include "adp-coap.h"
 #include "config.h"
 #include "hub.h"
 #include "hub/method.h"
@@ -27,6 +30,8 @@
 
 const struct adp_ops *const gw_adapter_ops[] = {
         &adp_modbus_ops,
+        &adp_serial_ops,
+        &adp_coap_ops,
         NULL,
 };
 
@@ -86,8 +91,19 @@ struct gw_adapter {
         int efd;
         sd_event_source *efd_src;
 
-        uint64_t inflight_appends, dropped, appended;
+        struct gw_appends *appends;     /* outlives the adapter while appends are in flight */
+        uint64_t dropped;
         uint64_t last_stats_log;
+};
+
+/* Telemetry appends of one adapter: the completion of an append can come after the adapter
+ * is gone (stopped on reload or shutdown with writes in flight), so this lives on until the
+ * last one completed. */
+struct gw_appends {
+        atomic_ulong inflight;          /* read by adapter threads through backlog() */
+        uint64_t appended;
+        char *name;
+        bool orphaned;
 };
 
 struct gw_pending_cmd {
@@ -441,6 +457,11 @@ static void host_timer_free(void *host, struct adp_timer *t) {
         free(t);
 }
 
+static unsigned long host_backlog(void *host) {
+        struct gw_adapter *a = host;
+        return atomic_load(&a->appends->inflight);
+}
+
 static uint64_t host_now(void *host) {
         return now_mono();
 }
@@ -638,14 +659,23 @@ static void host_device_state(void *host, const char *id, enum adp_device_state 
 
 static int host_emit(void *host, const char *id, struct hub_msg *m);
 
+static void appends_free(struct gw_appends *ap) {
+        if (!ap)
+                return;
+        free(ap->name);
+        free(ap);
+}
+
 static void append_done(int result, uint64_t seq, void *ud) {
-        struct gw_adapter *a = ud;
-        a->inflight_appends--;
+        struct gw_appends *ap = ud;
+        atomic_fetch_sub(&ap->inflight, 1);
         if (result < 0)
-                gw_log_full(LOG_WARNING, result, GW_FIELDS(.component = "adapter", .adapter = a->name),
+                gw_log_full(LOG_WARNING, result, GW_FIELDS(.component = "adapter", .adapter = ap->name),
                             "Adapter telemetry not stored: %m");
         else
-                a->appended++;
+                ap->appended++;
+        if (ap->orphaned && atomic_load(&ap->inflight) == 0)
+                appends_free(ap);
 }
 
 static int host_emit(void *host, const char *id, struct hub_msg *m) {
@@ -660,12 +690,12 @@ static int host_emit(void *host, const char *id, struct hub_msg *m) {
                 d->dropped++;
                 return -ENOTCONN;
         }
-        if (a->inflight_appends >= MAX_INFLIGHT_APPENDS) {
+        if (atomic_load(&a->appends->inflight) >= MAX_INFLIGHT_APPENDS) {
                 a->dropped++;
                 return gw_log_full(LOG_WARNING, ENOBUFS,
                                    GW_FIELDS(.component = "adapter", .adapter = a->name, .ratelimit_key = "adapter-backlog"),
-                                   "The store is behind: %llu telemetry messages in flight; dropping new ones",
-                                   (unsigned long long) a->inflight_appends);
+                                   "The store is behind: %lu telemetry messages in flight; dropping new ones",
+                                   (unsigned long) atomic_load(&a->appends->inflight));
         }
         struct timespec tsr;
         clock_gettime(CLOCK_REALTIME, &tsr);
@@ -675,10 +705,12 @@ static int host_emit(void *host, const char *id, struct hub_msg *m) {
             (r = hub_msg_set_sys(m, HUB_SYS_MESSAGE_SOURCE, "Telemetry")) < 0 ||
             (r = hub_msg_set_sys(m, HUB_SYS_CREATION_TIME, ts)) < 0)
                 return r;
-        r = hub_outbox_append(a->g->hub->outbox, m, append_done, a);
-        if (r < 0)
+        atomic_fetch_add(&a->appends->inflight, 1);
+        r = hub_outbox_append(a->g->hub->outbox, m, append_done, a->appends);
+        if (r < 0) {
+                atomic_fetch_sub(&a->appends->inflight, 1);
                 return r;
-        a->inflight_appends++;
+        }
         hub_session_touch(d->session);
         return 0;
 }
@@ -799,12 +831,25 @@ static const struct adp_ops *ops_of(const char *type) {
         return NULL;
 }
 
+static void log_stats(struct gw_adapter *a, const char *when) {
+        if (!a->ops->stats)
+                return;
+        _cleanup_free_ char *st = a->ops->stats(a->priv);
+        if (st)
+                gw_log_full(LOG_INFO, 0,
+                            GW_FIELDS(.component = "adapter", .adapter = a->name, .event = "adapter-stats",
+                                      .no_ratelimit = true),
+                            "Adapter %s%s: %llu messages stored, %llu dropped; %s", a->name, when,
+                            (unsigned long long) a->appends->appended, (unsigned long long) a->dropped, st);
+}
+
 static void adapter_free(struct gw_adapter *a) {
         if (!a)
                 return;
         if (a->started) {
                 a->ops->stop(a->priv);
                 a->started = false;
+                log_stats(a, " stopped");
         }
         /* Whatever the workers posted before they were joined still runs (results of pending
          * commands among them); then nothing more is accepted. */
@@ -831,6 +876,12 @@ static void adapter_free(struct gw_adapter *a) {
         if (a->efd >= 0)
                 close(a->efd);
         pthread_mutex_destroy(&a->lock);
+        if (a->appends) {
+                if (atomic_load(&a->appends->inflight) > 0)
+                        a->appends->orphaned = true; /* the last append_done() frees it */
+                else
+                        appends_free(a->appends);
+        }
         free(a->priv);
         free(a->name);
         free(a->type);
@@ -855,7 +906,10 @@ static int adapter_new(struct gw_adapters *g, const struct gw_adapter_conf *ac, 
         a->name = strdup(ac->name);
         a->type = strdup(ac->type);
         a->item_text = item_text(ac->node);
-        if (!a->priv || !a->name || !a->type || !a->item_text) {
+        a->appends = calloc(1, sizeof *a->appends);
+        if (a->appends)
+                a->appends->name = strdup(ac->name);
+        if (!a->priv || !a->name || !a->type || !a->item_text || !a->appends || !a->appends->name) {
                 adapter_free(a);
                 return -ENOMEM;
         }
@@ -871,6 +925,7 @@ static int adapter_new(struct gw_adapters *g, const struct gw_adapter_conf *ac, 
                 .timer_free = host_timer_free,
                 .now = host_now,
                 .post = host_post,
+                .backlog = host_backlog,
                 .device_add = host_device_add,
                 .device_remove = host_device_remove,
                 .device_state = host_device_state,
@@ -913,18 +968,8 @@ static int adapter_new(struct gw_adapters *g, const struct gw_adapter_conf *ac, 
 
 static int on_stats(sd_event_source *s, uint64_t usec, void *userdata) {
         struct gw_adapters *g = userdata;
-        for (size_t i = 0; i < g->n_adapters; i++) {
-                struct gw_adapter *a = g->adapters[i];
-                if (!a->ops->stats)
-                        continue;
-                _cleanup_free_ char *st = a->ops->stats(a->priv);
-                if (st)
-                        gw_log_full(LOG_INFO, 0,
-                                    GW_FIELDS(.component = "adapter", .adapter = a->name, .event = "adapter-stats",
-                                              .no_ratelimit = true),
-                                    "Adapter %s: %llu messages stored, %llu dropped; %s", a->name,
-                                    (unsigned long long) a->appended, (unsigned long long) a->dropped, st);
-        }
+        for (size_t i = 0; i < g->n_adapters; i++)
+                log_stats(g->adapters[i], "");
         (void) sd_event_source_set_time(s, usec + 60 * USEC_PER_SEC);
         (void) sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
         return 0;
@@ -1078,7 +1123,7 @@ json_t *gw_adapters_status(struct gw_adapters *g) {
                 }
                 json_array_append_new(arr, json_pack("{s:s, s:s, s:o, s:o, s:I, s:I}", "name", a->name, "type", a->type,
                                                      "devices", devs ? devs : json_array(), "stats",
-                                                     stats ? stats : json_null(), "stored", (json_int_t) a->appended,
+                                                     stats ? stats : json_null(), "stored", (json_int_t) a->appends->appended,
                                                      "dropped", (json_int_t) a->dropped));
         }
         return json_pack("{s:o}", "adapters", arr ? arr : json_array());

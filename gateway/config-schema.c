@@ -15,8 +15,12 @@
 #include <mbedtls/base64.h>
 
 #include "adp-modbus.h"
+#include "adp-serial.h"
+#include "adp-coap.h"
 #include "config.h"
+#include "hub/store.h"
 #include "uplink/uplink-config.h"
+#include "front/coap-config.h"
 #include "fieldhub-paths.h"
 #include "hub/clock.h"
 #include "hub/queue.h"
@@ -25,6 +29,8 @@
 /* No adapter is compiled in yet; the Modbus, CoAP and serial adapters add their entries. */
 const struct gw_adapter_type gw_adapter_types[] = {
         { "modbus", adp_modbus_validate },
+        { "serial", adp_serial_validate },
+        { "coap", adp_coap_validate },
         { NULL, NULL },
 };
 
@@ -131,6 +137,7 @@ struct gw_config *gw_config_free(struct gw_config *c) {
         }
         free(c->adapters);
         gw_routing_conf_free(c->routing);
+        gw_coap_conf_free(c->coap);
         adp_conf_node_free(c->tree);
         strv_free(c->sources);
         free(c);
@@ -140,15 +147,20 @@ struct gw_config *gw_config_free(struct gw_config *c) {
 /* ---- the schema ------------------------------------------------------------------------- */
 
 static const char *const top_keys[] = { "hub",      "state_dir", "log",      "store", "admin",
-                                        "adapters", "service_api", "metrics", "c2d",   "feedback", "mqtt",
-                                        "endpoints", "routes", "fallback_route", "enrichments", "logs_dir", NULL };
+                                        "adapters", "service_api", "metrics", "c2d",   "feedback", "mqtt", "coap",
+                                        "endpoints", "routes", "fallback_route", "enrichments", "logs_dir",
+                                        "http_device", "file_upload", NULL };
 static const char *const mqtt_keys[] = { "listen", "tls", "allow_plaintext", "limits", NULL };
 static const char *const mqtt_tls_keys[] = { "cert_file", "key_file", NULL };
 static const char *const mqtt_limit_keys[] = { "max_connections", "max_connections_per_address", "max_inflight",
                                                "max_packet_bytes", "max_keep_alive_timeout", "handshake_timeout",
                                                "connect_timeout", "max_messages_per_second", NULL };
 static const char *const api_keys[] = { "listen", "tls", "allow_plaintext", "limits", NULL };
-static const char *const api_tls_keys[] = { "cert_file", "key_file", "client_ca_file", NULL };
+static const char *const api_tls_keys[] = { "cert_file", "key_file", "client_ca_file", "client_cert", NULL };
+static const char *const api_client_cert_modes[] = { "none", "optional", NULL };
+static const char *const http_device_keys[] = { "enabled", "limits", NULL };
+static const char *const http_device_limit_keys[] = { "max_messages_per_second", "max_shaping_delay", NULL };
+static const char *const file_upload_keys[] = { "quota", "max_file", "sas_ttl", "max_concurrent", NULL };
 static const char *const api_limit_keys[] = { "max_connections", "max_connections_per_address",
                                               "handshake_timeout", "idle_timeout", "request_timeout",
                                               "max_header_bytes", "max_body_bytes", NULL };
@@ -159,7 +171,7 @@ static const char *const feedback_keys[] = { "ttl", "lock_timeout", "max_deliver
 static const char *const hub_keys[] = { "host_name", "host_aliases", "policies", "x509_ca_files", NULL };
 static const char *const log_keys[] = { "level", "target", "rate_limit", NULL };
 static const char *const rate_keys[] = { "interval", "burst", NULL };
-static const char *const store_keys[] = { "stall_timeout", "check_on_start", NULL };
+static const char *const store_keys[] = { "stall_timeout", "check_on_start", "max_size", NULL };
 static const char *const admin_keys[] = { "socket", NULL };
 static const char *const policy_item_keys[] = { "name", "key_file", "key_credential", "secondary_key_file",
                                                 "secondary_key_credential", NULL };
@@ -425,6 +437,8 @@ static int parse_store(struct gw_config *c, const struct adp_conf_node *root, st
         (void) adp_conf_get_duration(store, "stall_timeout", false, GW_CONFIG_STALL_TIMEOUT_MIN_USEC,
                                      GW_CONFIG_STALL_TIMEOUT_MAX_USEC, e, &c->store_stall_timeout_usec);
         (void) adp_conf_get_bool(store, "check_on_start", false, e, &c->store_check_on_start);
+        (void) adp_conf_get_size(store, "max_size", false, HUB_STORE_MAX_SIZE_MIN, UINT64_C(1) << 50, e,
+                                 &c->store_max_size);
         return 0;
 }
 
@@ -498,6 +512,9 @@ static int parse_service_api(struct gw_config *c, const struct adp_conf_node *ro
                     check_abs_path(tls, "key_file", 4000, e, &c->api_key_file) == -ENOMEM ||
                     check_abs_path(tls, "client_ca_file", 4000, e, &c->api_client_ca_file) == -ENOMEM)
                         return -ENOMEM;
+                int mode;
+                if (adp_conf_get_enum(tls, "client_cert", false, api_client_cert_modes, e, &mode) == 0)
+                        c->api_client_cert_optional = mode == 1;
                 if (!!c->api_cert_file != !!c->api_key_file)
                         adp_conf_error(e, tls, "found only %s, expected both cert_file and key_file (or neither: "
                                        "a certificate is then generated in the state directory)",
@@ -590,6 +607,34 @@ static int parse_mqtt(struct gw_config *c, const struct adp_conf_node *root, str
                                              e, &c->mqtt_handshake_timeout_usec);
                 (void) adp_conf_get_duration(lim, "connect_timeout", false, USEC_PER_SEC / 10, 300 * USEC_PER_SEC,
                                              e, &c->mqtt_connect_timeout_usec);
+        }
+        return 0;
+}
+
+/* http_device: and file_upload: (gateway/api/api-device.c). */
+static int parse_http_device(struct gw_config *c, const struct adp_conf_node *root, struct adp_conf_errors *e) {
+        const struct adp_conf_node *m, *lim;
+        uint64_t v;
+
+        if (adp_conf_get_map(root, "http_device", false, e, &m) == 0) {
+                (void) adp_conf_check_keys(m, http_device_keys, e);
+                (void) adp_conf_get_bool(m, "enabled", false, e, &c->http_device_enabled);
+                if (adp_conf_get_map(m, "limits", false, e, &lim) == 0) {
+                        (void) adp_conf_check_keys(lim, http_device_limit_keys, e);
+                        if (adp_conf_get_uint(lim, "max_messages_per_second", false, 0, 1000000, e, &v) == 0)
+                                c->http_device_max_messages_per_second = (uint32_t) v;
+                        (void) adp_conf_get_duration(lim, "max_shaping_delay", false, 0, 60 * USEC_PER_SEC, e,
+                                                     &c->http_device_max_shaping_delay_usec);
+                }
+        }
+        if (adp_conf_get_map(root, "file_upload", false, e, &m) == 0) {
+                (void) adp_conf_check_keys(m, file_upload_keys, e);
+                (void) adp_conf_get_size(m, "quota", false, 0, UINT64_C(1) << 50, e, &c->file_upload_quota_bytes);
+                (void) adp_conf_get_size(m, "max_file", false, 1, UINT64_C(1) << 50, e, &c->file_upload_max_file_bytes);
+                (void) adp_conf_get_duration(m, "sas_ttl", false, 10 * USEC_PER_SEC, 48 * 3600 * USEC_PER_SEC, e,
+                                             &c->file_upload_sas_ttl_usec);
+                if (adp_conf_get_uint(m, "max_concurrent", false, 1, 100, e, &v) == 0)
+                        c->file_upload_max_concurrent = (uint32_t) v;
         }
         return 0;
 }
@@ -776,6 +821,14 @@ int gw_config_from_tree(struct adp_conf_node *tree, struct gw_config **ret, stru
         c->mqtt_max_keep_alive_timeout_usec = GW_CONFIG_MQTT_MAX_KEEP_ALIVE_TIMEOUT_DEFAULT_USEC;
         c->mqtt_handshake_timeout_usec = GW_CONFIG_MQTT_HANDSHAKE_TIMEOUT_DEFAULT_USEC;
         c->mqtt_connect_timeout_usec = GW_CONFIG_MQTT_CONNECT_TIMEOUT_DEFAULT_USEC;
+        c->api_client_cert_optional = true;
+        c->http_device_enabled = true;
+        c->http_device_max_messages_per_second = GW_CONFIG_HTTP_DEVICE_MAX_MESSAGES_PER_SECOND_DEFAULT;
+        c->http_device_max_shaping_delay_usec = GW_CONFIG_HTTP_DEVICE_MAX_SHAPING_DELAY_DEFAULT_USEC;
+        c->file_upload_quota_bytes = GW_CONFIG_FILE_UPLOAD_QUOTA_DEFAULT;
+        c->file_upload_max_file_bytes = GW_CONFIG_FILE_UPLOAD_MAX_FILE_DEFAULT;
+        c->file_upload_sas_ttl_usec = GW_CONFIG_FILE_UPLOAD_SAS_TTL_DEFAULT_USEC;
+        c->file_upload_max_concurrent = GW_CONFIG_FILE_UPLOAD_MAX_CONCURRENT_DEFAULT;
         c->state_dir = strdup(FIELDHUB_STATE_DIR);
         c->admin_socket = strdup(FIELDHUB_ADMIN_SOCKET);
         c->host_aliases = calloc(1, sizeof(char *));
@@ -816,10 +869,16 @@ int gw_config_from_tree(struct adp_conf_node *tree, struct gw_config **ret, stru
         r = parse_metrics(c, t, e);
         if (r < 0)
                 return r;
+        r = gw_coap_conf_parse(t, e, &c->coap);
+        if (r == -ENOMEM)
+                return r;
         r = parse_mqtt(c, t, e);
         if (r < 0)
                 return r;
         r = parse_c2d(c, t, e);
+        if (r < 0)
+                return r;
+        r = parse_http_device(c, t, e);
         if (r < 0)
                 return r;
         r = gw_routing_conf_parse(t, &c->routing, e);

@@ -46,6 +46,7 @@ struct gw_adapter_type {
 extern const struct gw_adapter_type gw_adapter_types[];
 
 struct gw_routing_conf;
+struct gw_coap_conf;
 
 struct gw_config {
         char *host_name;                        /* hub.host_name (required) */
@@ -57,6 +58,7 @@ struct gw_config {
         unsigned log_rate_burst;                /* log.rate_limit.burst */
         uint64_t store_stall_timeout_usec;      /* store.stall_timeout */
         bool store_check_on_start;              /* store.check_on_start */
+        uint64_t store_max_size;                /* store.max_size: disk budget in bytes, 0 = none */
         char *admin_socket;                     /* admin.socket */
         struct gw_policy_key *policy_keys;      /* hub.policies */
         size_t n_policy_keys;
@@ -91,6 +93,17 @@ struct gw_config {
         uint64_t mqtt_connect_timeout_usec;     /* mqtt.limits.connect_timeout */
         uint32_t mqtt_max_messages_per_second;  /* mqtt.limits.max_messages_per_second (0 = no limit) */
         char **x509_ca_files;                   /* hub.x509_ca_files, NULL-terminated, never NULL */
+        /* service_api.tls.client_cert: request client certificates (X.509 devices over HTTP) */
+        bool api_client_cert_optional;          /* "optional" (default) or "none" */
+        /* http_device: (device routes of reference §3 on the service_api listeners; api/api-device.c) */
+        bool http_device_enabled;               /* http_device.enabled (default true) */
+        uint32_t http_device_max_messages_per_second; /* http_device.limits.max_messages_per_second (0 = no limit) */
+        uint64_t http_device_max_shaping_delay_usec;  /* http_device.limits.max_shaping_delay */
+        /* file_upload: (reference §3.5; api/api-device.c) */
+        uint64_t file_upload_quota_bytes;       /* file_upload.quota */
+        uint64_t file_upload_max_file_bytes;    /* file_upload.max_file */
+        uint64_t file_upload_sas_ttl_usec;      /* file_upload.sas_ttl */
+        uint32_t file_upload_max_concurrent;    /* file_upload.max_concurrent (per device) */
         /* metrics: */
         char *metrics_listen;                   /* metrics.listen (NULL: disabled) */
         bool metrics_allow_non_loopback;        /* metrics.allow_non_loopback */
@@ -100,6 +113,7 @@ struct gw_config {
         uint64_t feedback_ttl_usec, feedback_lock_timeout_usec;
         uint32_t feedback_max_delivery_count;
         struct gw_routing_conf *routing;        /* endpoints, routes, fallback_route, enrichments, logs_dir (uplink/uplink-config.h) */
+        struct gw_coap_conf *coap;              /* coap: CoAP server mode (front/coap-config.h); NULL = off */
         struct adp_conf_node *tree;             /* the merged tree, kept for the adapters' subtrees */
         char **sources;                         /* files read, in order (main, then conf.d), NULL-terminated */
 };
@@ -131,6 +145,12 @@ struct gw_config {
 #define GW_CONFIG_MQTT_MAX_KEEP_ALIVE_TIMEOUT_DEFAULT_USEC (UINT64_C(1767) * 1000000)
 #define GW_CONFIG_MQTT_HANDSHAKE_TIMEOUT_DEFAULT_USEC (UINT64_C(10) * 1000000)
 #define GW_CONFIG_MQTT_CONNECT_TIMEOUT_DEFAULT_USEC (UINT64_C(10) * 1000000)
+#define GW_CONFIG_HTTP_DEVICE_MAX_MESSAGES_PER_SECOND_DEFAULT 100u
+#define GW_CONFIG_HTTP_DEVICE_MAX_SHAPING_DELAY_DEFAULT_USEC (UINT64_C(1) * 1000000)
+#define GW_CONFIG_FILE_UPLOAD_QUOTA_DEFAULT (UINT64_C(1) << 30)
+#define GW_CONFIG_FILE_UPLOAD_MAX_FILE_DEFAULT (UINT64_C(256) << 20)
+#define GW_CONFIG_FILE_UPLOAD_SAS_TTL_DEFAULT_USEC (UINT64_C(3600) * 1000000)
+#define GW_CONFIG_FILE_UPLOAD_MAX_CONCURRENT_DEFAULT 10u
 #define GW_CONFIG_POLICY_KEY_MIN_BYTES 16
 #define GW_CONFIG_POLICY_KEY_MAX_BYTES 64
 

@@ -18,6 +18,7 @@ struct gw_adapters;
 struct gw_admin;
 struct gw_api;
 struct gw_mqtt;
+struct gw_coap;
 struct gw_uplink;
 struct gw_hub;
 
@@ -38,6 +39,7 @@ struct gw_daemon {
         struct gw_api *api;         /* the service REST API (api/api.h); also serves the admin socket
                                      * through gw_api_call_internal(). Always present once started. */
         struct gw_mqtt *mqtt;       /* the MQTT device interface (front/mqtt.h) */
+        struct gw_coap *coap;       /* CoAP server mode (front/coap.h); NULL when off */
         struct gw_admin *admin;
         struct gw_adapters *adapters; /* field adapters and their devices (adapters.h) */
         struct gw_uplink *uplink;   /* route endpoints reading the outbox (uplink/uplink.h) */

@@ -3,8 +3,10 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/timex.h>
 #include <unistd.h>
 
 #include "config.h"
@@ -87,6 +89,8 @@ static void on_c2d_available(void *userdata, const char *device_id) {
         struct gw_hub *h = userdata;
         if (h->c2d_available)
                 h->c2d_available(h->c2d_available_ud, device_id);
+        if (h->coap_c2d_available)
+                h->coap_c2d_available(h->coap_c2d_available_ud, device_id);
 }
 
 static void on_desired(void *userdata, const char *device_id, const json_t *patch, int64_t version) {
@@ -137,8 +141,94 @@ static void gc_done(int result, uint64_t n, void *ud) {
                 gw_log_full(LOG_WARNING, result, GW_FIELDS(.component = "outbox"), "Outbox collection failed: %m");
 }
 
+/* Whether the kernel considers the wall clock synchronised: systemd-timesyncd's flag file,
+ * or else adjtimex() without STA_UNSYNC (chrony and ntpd clear it once synchronised). */
+static bool clock_is_synchronized(void) {
+        struct timex tx = { .modes = 0 };
+        if (access("/run/systemd/timesync/synchronized", F_OK) == 0)
+                return true;
+        int state = adjtimex(&tx);
+        return state >= 0 && state != TIME_ERROR && !(tx.status & STA_UNSYNC);
+}
+
+/* The event stream (read by local back-end applications, kept for its retention time) gives
+ * way to the route endpoints' backlogs, which carry the delivery guarantee: while the store is
+ * full, every second it may keep only half of what it holds (its oldest are dropped, counted
+ * as drops of the events endpoint), so that the collection can free rows the endpoints are
+ * done with. Its configured bound comes back once the store has space again. */
+static void shed_events(struct gw_hub *h, bool full) {
+        struct hub_outbox_endpoint *ev = NULL;
+        struct hub_outbox_endpoint_stats st;
+        struct hub_outbox_endpoint_options o = { .max_bytes = h->events_max_bytes, .overflow = HUB_OUTBOX_DROP_OLDEST };
+        if (hub_outbox_endpoint_get(h->outbox, HUB_OUTBOX_EVENTS, &ev) < 0)
+                return;
+        hub_outbox_endpoint_get_stats(ev, &st);
+        if (full) {
+                if (st.backlog_bytes == 0)
+                        return;
+                o.max_bytes = st.backlog_bytes / 2 ? st.backlog_bytes / 2 : 1;
+        }
+        (void) hub_outbox_endpoint_open(h->outbox, HUB_OUTBOX_EVENTS, &o, NULL);
+        if (full)
+                gw_log_full(LOG_WARNING, 0,
+                            GW_FIELDS(.component = "store", .endpoint = HUB_OUTBOX_EVENTS, .event = "events-shed",
+                                      .message_id = GW_MSG_QUEUE_OVERFLOW, .ratelimit_key = "events-shed"),
+                            "The store is full: the event stream drops its oldest messages (it keeps %llu of %llu "
+                            "bytes) so that delivered messages can be collected",
+                            (unsigned long long) o.max_bytes, (unsigned long long) st.backlog_bytes);
+}
+
+/* The store's full state, from its -ENOSPC count: logged once on entry (writes refused:
+ * publishers get no PUBACK) and once on exit (a write went through again). */
+static void watch_store_full(struct gw_hub *h) {
+        struct hub_store_stats ss;
+        struct hub_outbox_stats os;
+        hub_store_get_stats(h->store, &ss);
+        hub_outbox_get_stats(h->outbox, &os);
+        uint64_t last_full_failures = h->store_full_failures;
+        h->store_full_failures = ss.full_failures;
+        /* In: any write refused for lack of space. Out: messages appended and none refused
+         * during the last second (cursor and registry writes may still fail meanwhile). */
+        bool appends_fail = os.append_failures > h->store_full_append_failures;
+        h->store_full_append_failures = os.append_failures;
+        if (ss.full_failures > last_full_failures && (!h->store_full || appends_fail)) {
+                if (!h->store_full) {
+                        char why[96] = "the disk is full";
+                        if (ss.max_size)
+                                snprintf(why, sizeof why, "store.max_size of %llu bytes reached, or the disk is full",
+                                         (unsigned long long) ss.max_size);
+                        gw_log_full(LOG_ERR, -ENOSPC,
+                                    GW_FIELDS(.component = "store", .message_id = GW_MSG_STORE_ERROR,
+                                              .event = "store-full", .no_ratelimit = true),
+                                    "The store is full (%s): new messages are refused (no PUBACK, publishers keep "
+                                    "them) until delivered ones are collected: %m",
+                                    why);
+                }
+                h->store_full = true;
+                h->store_full_appended = os.appended;
+                shed_events(h, true);
+        } else if (h->store_full && os.appended > h->store_full_appended && !appends_fail) {
+                h->store_full = false;
+                shed_events(h, false);
+                gw_log_full(LOG_NOTICE, 0,
+                            GW_FIELDS(.component = "store", .message_id = GW_MSG_STORE_ERROR, .event = "store-space",
+                                      .no_ratelimit = true),
+                            "The store has space again: messages are accepted (%llu writes were refused)",
+                            (unsigned long long) ss.full_failures);
+        }
+}
+
 static int on_gc_timer(sd_event_source *s, uint64_t usec, void *ud) {
         struct gw_hub *h = ud;
+        bool sync = clock_is_synchronized();
+        if (sync != h->clock_synchronized) {
+                h->clock_synchronized = sync;
+                hub_outbox_set_clock_synchronized(h->outbox, sync);
+                gw_log_full(LOG_INFO, 0, GW_FIELDS(.component = "outbox"),
+                            "The wall clock is %s synchronised: message ages across reboots %s",
+                            sync ? "now" : "no longer", sync ? "are measured by it" : "are unknown until it is");
+        }
+        watch_store_full(h);
         (void) hub_outbox_gc(h->outbox, gc_done, h);
         return rearm_at(s, usec + USEC_PER_SEC);
 }
@@ -237,7 +327,12 @@ int gw_hub_new(sd_event *e, struct hub_store *store, const struct gw_config *cfg
                 .clock = clock,
                 .log = &gw_hub_log,
                 .boot_id = boot_id,
-                .clock_synchronized = access("/run/systemd/timesync/synchronized", F_OK) == 0,
+                .clock_synchronized = h->clock_synchronized = clock_is_synchronized(),
+                /* With a disk budget the event stream (kept for its retention time, a day)
+                 * must not hold the store full: it keeps at most a quarter of the budget,
+                 * dropping its oldest first. Route endpoints' backlogs have the rest. */
+                .events = { .max_bytes = h->events_max_bytes = cfg->store_max_size / 4,
+                            .overflow = HUB_OUTBOX_DROP_OLDEST },
         };
         r = hub_outbox_new(&oo, &h->outbox);
         if (r < 0) {

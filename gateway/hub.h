@@ -43,6 +43,9 @@ struct gw_hub {
          * deliverable again (the queue's on_available hook). */
         void (*c2d_available)(void *ud, const char *device_id);
         void *c2d_available_ud;
+        /* The same for the CoAP front-end (front/coap.c), which runs beside MQTT. */
+        void (*coap_c2d_available)(void *ud, const char *device_id);
+        void *coap_c2d_available_ud;
         /* Set by the MQTT front-end for the metrics endpoint (struct gw_mqtt_stats, front/mqtt.h). */
         const struct gw_mqtt_stats *mqtt_stats;
 
@@ -50,6 +53,12 @@ struct gw_hub {
         sd_event_source *queue_timer, *method_timer, *gc_timer;
         bool queue_tick_running;
         uint64_t queue_ticks, events_appended, event_failures;
+        /* The store's "full" state (budget or disk), watched by the gc timer: logged once when
+         * writes start failing with -ENOSPC and once when they succeed again. */
+        bool store_full, clock_synchronized;
+        uint64_t store_full_failures, store_full_appended, store_full_append_failures;
+        uint64_t events_max_bytes;        /* the event stream's configured bound (0 = none) */
+        struct gw_uplink *uplink;         /* the route endpoints (set by uplink.c), for metrics */
 };
 
 /* Converts the c2d: / feedback: configuration into queue options. */

@@ -157,6 +157,7 @@ int adp_modbus_decode(enum adp_modbus_type t, enum adp_modbus_order o, const uin
                 memcpy(&f, &u32, sizeof f);
                 v.kind = ADP_MODBUS_V_DOUBLE;
                 v.d = f;
+                v.f32 = true;
                 break;
         }
         case ADP_MODBUS_FLOAT64:
@@ -286,6 +287,7 @@ void adp_modbus_scale(struct adp_modbus_value *v, double scale, double offset) {
         else
                 x = x * scale;
         v->kind = ADP_MODBUS_V_DOUBLE;
+        v->f32 = false;
         v->d = x + offset;
 }
 
@@ -321,13 +323,25 @@ bool adp_modbus_value_equal(const struct adp_modbus_value *a, const struct adp_m
         }
 }
 
-/* The shortest %.Ng that reads back as the same double. */
-static int format_double(double d, char *buf, size_t size) {
+/* The shortest %.Ng that reads back as the same value: a double from 15 digits up (most
+ * values need 15..17; each try is a printf and a strtod, so the search starts high), a float32
+ * from 6 to 9 digits (-1234.5f prints -1234.5, 1.013f prints 1.013, not its double expansion
+ * 1.0130000114440918). */
+static int format_double(double d, bool f32, char *buf, size_t size) {
         char tmp[40];
-        for (int prec = 6; prec <= 17; prec++) {
-                snprintf(tmp, sizeof tmp, "%.*g", prec, d);
-                if (strtod(tmp, NULL) == d)
-                        break;
+        if (f32) {
+                for (int prec = 6; prec <= 9; prec++) {
+                        snprintf(tmp, sizeof tmp, "%.*g", prec, d);
+                        if (strtof(tmp, NULL) == (float) d)
+                                break;
+                }
+        } else {
+                snprintf(tmp, sizeof tmp, "%.15g", d);
+                if (strtod(tmp, NULL) != d) {
+                        snprintf(tmp, sizeof tmp, "%.16g", d);
+                        if (strtod(tmp, NULL) != d)
+                                snprintf(tmp, sizeof tmp, "%.17g", d);
+                }
         }
         /* JSON has no "inf"/"nan" (filtered by the caller) and needs no leading '+'. */
         return snprintf(buf, size, "%s", tmp);
@@ -342,7 +356,7 @@ int adp_modbus_value_json(const struct adp_modbus_value *v, char *buf, size_t si
         case ADP_MODBUS_V_DOUBLE:
                 if (!isfinite(v->d))
                         return snprintf(buf, size, "null");
-                return format_double(v->d, buf, size);
+                return format_double(v->d, v->f32, buf, size);
         case ADP_MODBUS_V_BOOL:
                 return snprintf(buf, size, "%s", v->b ? "true" : "false");
         case ADP_MODBUS_V_STRING: {

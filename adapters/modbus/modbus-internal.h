@@ -63,6 +63,7 @@ struct adp_modbus_value {
         uint64_t u;
         double d;
         bool b;
+        bool f32;       /* d holds a float32 as read (no scaling): printed as the shortest float */
         char s[2 * 64 + 1];
 };
 

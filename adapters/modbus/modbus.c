@@ -17,6 +17,7 @@
 #include <errno.h>
 #include <math.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,6 +37,10 @@
 #define LOG_POLL_INTERVAL_USEC (3u * 1000u * 1000u)
 #define MAX_JOBS 256u
 #define BODY_MAX (200u * 1024u)
+/* Telemetry messages posted to the loop and not yet taken by it, plus those the host has not
+ * stored yet (host->backlog()), per adapter. Above this the workers hold their next poll (cycles are skipped and counted, not queued without bound):
+ * polling never outruns what the gateway can store. */
+#define MAX_PENDING_TELEMETRY 2000u
 
 struct mb_adapter;
 
@@ -87,6 +92,8 @@ struct mb_line {
         uint64_t transactions, timeouts, retries, crc_errors, exceptions, other_errors, wrong_unit, reconnects;
         uint64_t busy_usec, theoretical_usec;
         uint64_t registers_read;
+        uint64_t held;             /* polls held back because the gateway was behind */
+        uint64_t overruns;         /* poll cycles skipped (the line could not keep up) */
         uint64_t silence_min_usec; /* smallest gap we left between frames (RTU) */
 };
 
@@ -97,6 +104,7 @@ struct mb_adapter {
         struct mb_line **lines;
         size_t n_lines;
         bool stopping;
+        atomic_uint pending_telemetry;
 };
 
 enum mb_event_kind { EV_TELEMETRY, EV_STATE, EV_REPORT, EV_RESULT };
@@ -143,6 +151,7 @@ static void on_event(void *ud) {
 
         switch (ev->kind) {
         case EV_TELEMETRY: {
+                atomic_fetch_sub(&a->pending_telemetry, 1);
                 struct hub_msg *m = NULL;
                 int r = hub_msg_new(ev->body, strlen(ev->body), HUB_MSG_D2C_MAX_SIZE, &m);
                 if (r >= 0)
@@ -155,20 +164,18 @@ static void on_event(void *ud) {
                         r = hub_msg_set_prop(m, "adapterType", "modbus");
                 if (r >= 0)
                         r = hub_msg_set_prop(m, "pollGroup", ev->group);
-                if (r >= 0 && !a->stopping)
+                if (r >= 0)
                         r = h->emit(h->host, ev->device, m);
-                if (r < 0)
+                if (r < 0 && r != -ENOENT) /* -ENOENT: the device was removed by a reload */
                         mlog(a, LOG_WARNING, ev->device, "emit", r, "Cannot queue telemetry: %m, dropping one poll cycle");
                 hub_msg_unref(m);
                 break;
         }
         case EV_STATE:
-                if (!a->stopping)
-                        h->device_state(h->host, ev->device, ev->state, ev->why);
+                h->device_state(h->host, ev->device, ev->state, ev->why);
                 break;
         case EV_REPORT:
-                if (!a->stopping)
-                        (void) h->report(h->host, ev->device, ev->body);
+                (void) h->report(h->host, ev->device, ev->body);
                 break;
         case EV_RESULT:
                 h->command_result(h->host, ev->cmd_id, ev->status, ev->body);
@@ -190,8 +197,13 @@ static void post_event(struct mb_adapter *a, enum mb_event_kind kind, const char
                 snprintf(ev->group, sizeof ev->group, "%s", group);
         ev->device = dev ? strdup(dev) : NULL;
         ev->why = why ? strdup(why) : NULL;
-        if ((dev && !ev->device) || (why && !ev->why) || a->host->post(a->host->host, on_event, ev) < 0)
+        if (kind == EV_TELEMETRY)
+                atomic_fetch_add(&a->pending_telemetry, 1);
+        if ((dev && !ev->device) || (why && !ev->why) || a->host->post(a->host->host, on_event, ev) < 0) {
+                if (kind == EV_TELEMETRY)
+                        atomic_fetch_sub(&a->pending_telemetry, 1);
                 event_free(ev);
+        }
 }
 
 static _printf_(5, 6) void post_result(struct mb_adapter *a, const char *dev, uint64_t cmd_id, int status,
@@ -220,12 +232,18 @@ static void iso_now(char buf[static 32]) {
         hub_time_format_iso8601((uint64_t) ts.tv_sec * USEC_PER_SEC + (uint64_t) ts.tv_nsec / 1000, buf);
 }
 
+/* Sleeps until monotonic time t (usec): the inter-frame silence is a lower bound and every
+ * microsecond past it is line time lost, so the last 100 us are spun rather than slept
+ * (a timer wake-up comes 50..100 us late). Worker threads only. */
+#define SPIN_USEC 100u
 static void sleep_until(uint64_t t) {
-        uint64_t now = adp_modbus_now();
-        if (t <= now)
-                return;
-        struct timespec ts = { .tv_sec = (time_t) ((t - now) / 1000000), .tv_nsec = (long) ((t - now) % 1000000) * 1000 };
-        while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+        if (t > adp_modbus_now() + SPIN_USEC) {
+                uint64_t w = t - SPIN_USEC;
+                struct timespec ts = { .tv_sec = (time_t) (w / 1000000), .tv_nsec = (long) (w % 1000000) * 1000 };
+                while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
+                        ;
+        }
+        while (adp_modbus_now() < t)
                 ;
 }
 
@@ -904,6 +922,13 @@ static void *line_worker(void *arg) {
                                 }
                         }
                 }
+                if (best_d && best <= now &&
+                    atomic_load(&l->a->pending_telemetry) + l->a->host->backlog(l->a->host->host) >=
+                            MAX_PENDING_TELEMETRY) {
+                        /* The gateway is behind: hold this poll a little. */
+                        l->held++;
+                        best = now + 2000;
+                }
                 if (!best_d || best > now) {
                         if (best == UINT64_MAX)
                                 (void) pthread_cond_wait(&l->cond, &l->lock);
@@ -921,9 +946,11 @@ static void *line_worker(void *arg) {
                  * not queued up. */
                 uint64_t after = adp_modbus_now();
                 best_g->next_due += best_g->interval_usec;
-                if (best_g->next_due <= after)
-                        best_g->next_due = after + best_g->interval_usec -
-                                           (after - best_g->next_due) % best_g->interval_usec;
+                if (best_g->next_due <= after) {
+                        uint64_t late = after - best_g->next_due;
+                        l->overruns += late / best_g->interval_usec + 1;
+                        best_g->next_due = after + best_g->interval_usec - late % best_g->interval_usec;
+                }
         }
         /* Stopping: answer what is still queued. */
         while (l->jobs) {
@@ -1423,7 +1450,8 @@ static char *mb_stats(void *priv) {
                 pthread_mutex_lock(&l->lock);
                 uint64_t el = adp_modbus_now() - l->started_usec;
                 double secs = el / 1e6;
-                json_t *o = json_pack("{s:s, s:I, s:f, s:I, s:f, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:f, s:b, s:s?}",
+                json_t *o = json_pack("{s:s, s:I, s:f, s:I, s:f, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:f, s:b, s:s?, "
+                                      "s:I, s:I}",
                                       "line", l->conf.key,
                                       "transactions", (json_int_t) l->transactions,
                                       "transactionsPerSecond", secs > 0 ? l->transactions / secs : 0.0,
@@ -1438,7 +1466,9 @@ static char *mb_stats(void *priv) {
                                       "connects", (json_int_t) l->reconnects,
                                       "minSilenceMs", l->silence_min_usec / 1000.0,
                                       "connected", l->conn_error[0] == 0 && l->thread_started,
-                                      "lastError", l->conn_error[0] ? l->conn_error : NULL);
+                                      "lastError", l->conn_error[0] ? l->conn_error : NULL,
+                                      "overruns", (json_int_t) l->overruns,
+                                      "heldBack", (json_int_t) l->held);
                 if (o && l->conf.transport == ADP_MODBUS_RTU) {
                         /* The line's ceiling: back-to-back transactions of one register. */
                         uint64_t t = adp_modbus_rtu_transaction_usec(&l->conf, ADP_MODBUS_HOLDING_REGISTER, 1);
@@ -1456,14 +1486,14 @@ static char *mb_stats(void *priv) {
         return s;
 }
 
+/* Joins the workers. What they posted last (telemetry of the final cycles, answers of the
+ * commands still queued) runs after this, while the devices still exist: the host removes
+ * them once the inbox is drained, so nothing polled is lost on a clean stop. */
 static void mb_stop(void *priv) {
         struct mb_adapter *a = priv;
         a->stopping = true;
         for (size_t i = 0; i < a->n_lines; i++)
                 line_stop(a->lines[i]);
-        for (size_t i = 0; i < a->n_lines; i++)
-                for (size_t k = 0; k < a->lines[i]->n_devs; k++)
-                        a->host->device_remove(a->host->host, a->lines[i]->devs[k]->id);
 }
 
 static void mb_fini(void *priv) {

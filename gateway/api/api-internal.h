@@ -105,6 +105,41 @@ void api_feedback_receive(struct api_req *req);
 void api_feedback_complete(struct api_req *req);
 void api_feedback_abandon(struct api_req *req);
 void api_health(struct api_req *req);
+/* The device side (api-device.c). */
+void api_dev_events(struct api_req *req);
+void api_dev_c2d_receive(struct api_req *req);
+void api_dev_c2d_settle(struct api_req *req);
+void api_dev_file_init(struct api_req *req);
+void api_dev_file_notify(struct api_req *req);
+void api_dev_blob_put(struct api_req *req);
+
+/* ---- device routes' state (api-device.c) ------------------------------------------------ */
+
+struct api_device;
+struct gw_http_parser;
+struct gw_config;
+/* Creates the state of the device routes: configuration, the upload directory
+ * <state_dir>/uploads (its key file and the quota accounting). Logs and returns -errno. */
+int api_device_new(struct gw_api *api, const struct gw_config *cfg, const char *state_dir, struct api_device **ret);
+void api_device_reconfigure(struct api_device *d, const struct gw_config *cfg);
+struct api_device *api_device_free(struct api_device *d); /* accepts NULL, returns NULL */
+struct api_device *api_get_device(struct gw_api *api);
+char *const *api_host_names(struct gw_api *api); /* NULL-terminated: host_name, then aliases */
+struct gw_net_conn;
+struct gw_net_conn *api_req_net_conn(struct api_req *req); /* NULL: internal, or the connection closed */
+const char *api_route_name_of(struct api_req *req);
+/* Authenticates a request to a device route (blob: the upload SAS in the query instead of the
+ * device's credentials). Returns true to go on; false when the answer (401/404/...) was sent
+ * (req is gone). */
+bool api_device_authorize(struct api_req *req, bool blob);
+/* At the HEADERS stage of every request: sets this request's body limit on p (the parsers are
+ * created with api_device_parser_body_max(), the largest any route takes: blob PUTs; every
+ * other request gets service_api.limits.max_body_bytes, D2C events at least 512 KiB).
+ * Returns 1 when hr is a device route, 0 when it is not, -<HTTP status> (-413) to refuse it
+ * at once. */
+int api_device_on_headers(struct gw_api *api, struct gw_http_parser *p, const struct gw_http_request *hr,
+                          bool metrics);
+size_t api_device_parser_body_max(const struct gw_config *cfg);
 void api_metrics(struct api_req *req);
 
 /* ---- metrics (metrics.c) ---------------------------------------------------------------- */

@@ -60,12 +60,16 @@ struct gw_api {
         bool stopping;
         struct api_counters ctr;
         struct api_route_stats *route_stats; /* n_routes + 1 */
+        struct api_device *device;           /* the device routes' state (api-device.c) */
 };
 
 /* ---- routes --------------------------------------------------------------------------- */
 
 #define R_NONE 0u
 #define R_ANY_TOKEN (1u << 8) /* any valid policy token */
+#define R_DEVICE (1u << 9)    /* device credentials for seg[1] (api-device.c): device SAS, policy, X.509 */
+#define R_BLOB (1u << 10)     /* the blob SAS of a file upload in the query (api-device.c) */
+#define R_DC HUB_RIGHT_DEVICE_CONNECT
 #define R_READ HUB_RIGHT_REGISTRY_READ
 #define R_WRITE HUB_RIGHT_REGISTRY_WRITE
 #define R_SERVICE HUB_RIGHT_SERVICE_CONNECT
@@ -101,6 +105,24 @@ static const struct api_route routes[] = {
           api_feedback_complete },
         { "feedback_abandon", GW_HTTP_METHOD_POST, "messages/serviceBound/feedback/*/abandon", R_SERVICE, false,
           false, api_feedback_abandon },
+        /* The device side (reference §3; api-device.c). */
+        { "device_events", GW_HTTP_METHOD_POST, "devices/*/messages/events", R_DEVICE | R_DC, false, false,
+          api_dev_events },
+        { "module_events", GW_HTTP_METHOD_POST, "devices/*/modules/*/messages/events", R_DEVICE | R_DC, false, false,
+          api_dev_events },
+        { "device_c2d_receive", GW_HTTP_METHOD_GET, "devices/*/messages/deviceBound", R_DEVICE | R_DC, false, false,
+          api_dev_c2d_receive },
+        { "device_c2d_complete", GW_HTTP_METHOD_DELETE, "devices/*/messages/deviceBound/*", R_DEVICE | R_DC, false,
+          false, api_dev_c2d_settle },
+        { "device_c2d_abandon", GW_HTTP_METHOD_POST, "devices/*/messages/deviceBound/*/abandon", R_DEVICE | R_DC,
+          false, false, api_dev_c2d_settle },
+        { "device_file_init", GW_HTTP_METHOD_POST, "devices/*/files", R_DEVICE | R_DC, false, false,
+          api_dev_file_init },
+        { "device_file_notify", GW_HTTP_METHOD_POST, "devices/*/files/notifications", R_DEVICE | R_DC, false, false,
+          api_dev_file_notify },
+        { "device_file_notify_legacy", GW_HTTP_METHOD_POST, "devices/*/files/notifications/*", R_DEVICE | R_DC, false,
+          false, api_dev_file_notify },
+        { "blob_put", GW_HTTP_METHOD_PUT, "uploads/*/**", R_BLOB, true, false, api_dev_blob_put },
         { "health", GW_HTTP_METHOD_GET, "health", R_ANY_TOKEN, true, true, api_health },
         { "metrics", GW_HTTP_METHOD_GET, "metrics", R_ANY_TOKEN, true, true, api_metrics },
 };
@@ -130,9 +152,21 @@ struct gw_hub *api_get_hub(struct gw_api *api) {
 struct gw_hub *api_hub(struct api_req *req) {
         return req->api->hub;
 }
+struct gw_net_conn *api_req_net_conn(struct api_req *req) {
+        return req->conn && !req->detached ? req->conn->nc : NULL;
+}
+char *const *api_host_names(struct gw_api *api) {
+        return api->host_names;
+}
+struct api_device *api_get_device(struct gw_api *api) {
+        return api ? api->device : NULL;
+}
+const char *api_route_name_of(struct api_req *req) {
+        return req->route >= 0 ? routes[req->route].name : "(no route)";
+}
 
 /* Whether the decoded segments match pattern; literal segments case-insensitively (IoT Hub
- * clients write serviceBound / servicebound). */
+ * clients write serviceBound / servicebound). A final "**" matches one or more segments. */
 static bool route_matches(const char *pattern, char **seg, size_t n) {
         size_t i = 0;
         const char *p = pattern;
@@ -141,6 +175,8 @@ static bool route_matches(const char *pattern, char **seg, size_t n) {
                 size_t l = slash ? (size_t) (slash - p) : strlen(p);
                 if (i >= n)
                         return false;
+                if (l == 2 && p[0] == '*' && p[1] == '*' && !slash)
+                        return true;
                 if (!(l == 1 && p[0] == '*') && (strlen(seg[i]) != l || strncasecmp(seg[i], p, l) != 0))
                         return false;
                 i++;
@@ -534,13 +570,14 @@ static void dispatch(struct api_req *req, bool metrics_listener) {
         }
 
         /* Find the route: path first (404), then method (405). */
-        bool path_found = false;
+        bool path_found = false, device_path = false;
         for (size_t i = 0; i < N_ROUTES; i++) {
                 if (!route_matches(routes[i].pattern, req->seg, req->n_seg))
                         continue;
                 if (metrics_listener && !routes[i].on_metrics)
                         continue;
                 path_found = true;
+                device_path = device_path || (routes[i].rights & (R_DEVICE | R_BLOB));
                 if (routes[i].method == hr->method) {
                         req->route = (int) i;
                         break;
@@ -561,7 +598,18 @@ static void dispatch(struct api_req *req, bool metrics_listener) {
                 return;
         }
 
-        if (req->internal) {
+        if (req->route < 0 && device_path) {
+                /* A device-side path (reference §3) with another method: no policy token to ask for. */
+                api_reply_error(req, 405, "MethodNotAllowed", "Method %s is not allowed on %.200s", hr->method_str,
+                                hr->path);
+                return;
+        }
+        if (req->route >= 0 && (routes[req->route].rights & (R_DEVICE | R_BLOB))) {
+                /* Device credentials (api-device.c): answered there when refused. */
+                if (!api_device_authorize(req, (routes[req->route].rights & R_BLOB) != 0))
+                        return;
+                req->rights = req->internal ? HUB_RIGHTS_ALL : HUB_RIGHT_DEVICE_CONNECT;
+        } else if (req->internal) {
                 req->rights = HUB_RIGHTS_ALL;
         } else {
                 const char *auth = gw_http_header_get(hr, "Authorization");
@@ -727,7 +775,14 @@ static void conn_process(struct api_conn *c) {
                         if (!c->request_started_mono)
                                 c->request_started_mono = api_mono();
                         const struct gw_http_request *hr = gw_http_parser_request(c->parser);
-                        if (hr->expect_continue && !c->metrics && !continue_allowed(c, hr))
+                        /* Device routes: their own body limits, and their own credentials
+                         * (checked with the request, not before 100 Continue). */
+                        int dr = api_device_on_headers(c->api, c->parser, hr, c->metrics);
+                        if (dr < 0) {
+                                send_codec_error(c, -dr, "the request body is over this route's limit");
+                                break;
+                        }
+                        if (hr->expect_continue && !c->metrics && dr == 0 && !continue_allowed(c, hr))
                                 break;
                         if (hr->expect_continue) {
                                 struct gw_http_buf b = { 0 };
@@ -992,7 +1047,9 @@ static int load_tls(const struct gw_config *cfg, const char *state_dir, char *co
         struct gw_tls_server_config tc = {
                 .cert_file = cert,
                 .key_file = key,
-                .client_cert = GW_TLS_CLIENT_CERT_NONE,
+                /* X.509 devices on the HTTP device API (judged per request, api-device.c). */
+                .client_cert = cfg->api_client_cert_optional && cfg->http_device_enabled ? GW_TLS_CLIENT_CERT_OPTIONAL
+                                                                                        : GW_TLS_CLIENT_CERT_NONE,
                 .client_ca_file = cfg->api_client_ca_file,
         };
         return gw_tls_server_new(&tc, ret);
@@ -1001,7 +1058,8 @@ static int load_tls(const struct gw_config *cfg, const char *state_dir, char *co
 static void apply_limits(struct gw_api *api, const struct gw_config *cfg) {
         gw_http_limits_default(&api->limits);
         api->limits.header_bytes_max = cfg->api_max_header_bytes;
-        api->limits.body_max = cfg->api_max_body_bytes;
+        /* The largest any route takes (file upload); lowered per request at HEADERS. */
+        api->limits.body_max = api_device_parser_body_max(cfg);
         api->request_timeout_usec = cfg->api_request_timeout_usec;
         api->idle_timeout_usec = cfg->api_idle_timeout_usec;
 }
@@ -1045,6 +1103,11 @@ int gw_api_new(sd_event *e, struct gw_hub *hub, const struct gw_config *cfg, con
                 return -ENOMEM;
         }
         apply_limits(api, cfg);
+        r = api_device_new(api, cfg, state_dir, &api->device);
+        if (r < 0) {
+                gw_api_free(api);
+                return r;
+        }
 
         if (cfg->api_enabled) {
                 if (!cfg->api_allow_plaintext || cfg->api_cert_file) {
@@ -1159,6 +1222,7 @@ int gw_api_reconfigure(struct gw_api *api, const struct gw_config *cfg, const ch
         api->tls = tls;
         api->host_names = host_names;
         apply_limits(api, cfg);
+        api_device_reconfigure(api->device, cfg);
         return 0;
 
 rollback:
@@ -1217,6 +1281,7 @@ struct gw_api *gw_api_free(struct gw_api *api) {
                 if (req->loop_driven)
                         req_free(req);
         }
+        api->device = api_device_free(api->device);
         gw_tls_server_unref(api->tls);
         free(api->route_stats);
         sd_event_unref(api->event);

@@ -17,6 +17,7 @@
 #include "hub/registry.h"
 #include "hub/session.h"
 #include "hub/store.h"
+#include "uplink/uplink.h"
 
 struct out {
         char *buf;
@@ -54,6 +55,53 @@ static void outf(struct out *o, const char *fmt, ...) {
 
 static void metric(struct out *o, const char *name, const char *type, const char *help, uint64_t v) {
         outf(o, "# HELP %s %s\n# TYPE %s %s\n%s %llu\n", name, help, name, type, name, (unsigned long long) v);
+}
+
+/* Per route endpoint, from `fieldhubctl endpoints`' view (uplink.h). */
+static void endpoint_metrics(struct out *o, struct gw_uplink *u) {
+        static const struct {
+                const char *name, *type, *help, *key, *sub;
+        } m[] = {
+                { "fieldhub_endpoint_up", "gauge", "1 while the endpoint is connected.", NULL, NULL },
+                { "fieldhub_endpoint_backlog_messages", "gauge", "Messages the endpoint has not confirmed.", "backlog",
+                  "count" },
+                { "fieldhub_endpoint_backlog_bytes", "gauge", "Bytes the endpoint has not confirmed.", "backlog",
+                  "bytes" },
+                { "fieldhub_endpoint_oldest_age_seconds", "gauge", "Age of the oldest unconfirmed message.",
+                  "oldestAgeSeconds", NULL },
+                { "fieldhub_endpoint_drain_rate", "gauge", "Messages confirmed per second (smoothed).",
+                  "drainRatePerSecond", NULL },
+                { "fieldhub_endpoint_delivered_total", "counter", "Messages confirmed by the far side.", "delivered",
+                  NULL },
+                { "fieldhub_endpoint_dropped_total", "counter", "Messages dropped by overflow: drop-oldest.", "drops",
+                  NULL },
+                { "fieldhub_endpoint_expired_total", "counter", "Messages expired (queue.ttl).", "expiries", NULL },
+                { "fieldhub_endpoint_rejected_total", "counter", "Appends refused by overflow: reject-new.",
+                  "rejected", NULL },
+                { "fieldhub_endpoint_poison_total", "counter", "Messages the far side refused for good (skipped).",
+                  "poison", NULL },
+                { "fieldhub_endpoint_oversize_total", "counter", "Messages over 256 KB after enrichment (skipped).",
+                  "oversize", NULL },
+        };
+        json_t *arr = gw_uplink_status(u), *ep;
+        size_t i;
+        if (!arr)
+                return;
+        for (size_t k = 0; k < sizeof m / sizeof m[0]; k++) {
+                outf(o, "# HELP %s %s\n# TYPE %s %s\n", m[k].name, m[k].help, m[k].name, m[k].type);
+                json_array_foreach(arr, i, ep) {
+                        const char *name = json_string_value(json_object_get(ep, "name"));
+                        const char *type = json_string_value(json_object_get(ep, "type"));
+                        const char *state = json_string_value(json_object_get(ep, "state"));
+                        json_t *v = m[k].key ? json_object_get(ep, m[k].key) : NULL;
+                        if (v && m[k].sub)
+                                v = json_object_get(v, m[k].sub);
+                        double x = m[k].key ? json_number_value(v) : (state && streq(state, "up") ? 1 : 0);
+                        outf(o, "%s{endpoint=\"%s\",type=\"%s\"} %.15g\n", m[k].name, name ? name : "",
+                             type ? type : "", x);
+                }
+        }
+        json_decref(arr);
 }
 
 int api_metrics_text(struct gw_api *api, char **ret, size_t *ret_len) {
@@ -126,6 +174,16 @@ int api_metrics_text(struct gw_api *api, char **ret, size_t *ret_len) {
                 metric(&o, "fieldhub_store_last_commit_microseconds", "gauge", "Duration of the last commit.",
                        ss.last_commit_usec);
                 metric(&o, "fieldhub_store_db_bytes", "gauge", "Database file size.", ss.db_bytes);
+                metric(&o, "fieldhub_store_wal_bytes", "gauge", "WAL file size.", ss.wal_bytes);
+                metric(&o, "fieldhub_store_max_bytes", "gauge", "Disk budget (store.max_size; 0 = none).", ss.max_size);
+                metric(&o, "fieldhub_store_full", "gauge", "1 while writes are refused for lack of space.",
+                       h->store_full);
+                metric(&o, "fieldhub_store_full_failures_total", "counter",
+                       "Writes refused for lack of space (budget or disk).", ss.full_failures);
+                metric(&o, "fieldhub_store_idle_checkpoints_total", "counter", "WAL truncations while idle.",
+                       ss.checkpoints);
+                if (h->uplink)
+                        endpoint_metrics(&o, h->uplink);
 
                 if (h->outbox) {
                         struct hub_outbox_stats os;

@@ -31,6 +31,7 @@
 #include "admin-proto.h"
 #include "config.h"
 #include "fieldhub-paths.h"
+#include "front/coap-config.h"
 #include "hub/auth.h"
 #include "hub/macro.h"
 #include "hub/random.h"
@@ -110,6 +111,9 @@ static const struct usage usages[] = {
                     "device update ID --status enabled|disabled [--status-reason TEXT] [--etag E]\n"
                     "device delete ID [--etag E]\n"
                     "device show-connection-string ID [--secondary]\n"
+                    "device show-coap-psk ID [--secondary]\n"
+                    "    The CoAP DTLS-PSK identity and key (hex) of a SAS device: HMAC-SHA256 of its key\n"
+                    "    over \"fieldhub-coap-psk\"; identity ID (primary) or ID#2 (--secondary).\n"
                     "device regenerate-key ID --key primary|secondary|swap" },
         { "twin", "twin show ID\n"
                   "twin update ID [--desired JSON] [--tags JSON] [--etag E]" },
@@ -1150,8 +1154,50 @@ static int device_show_cs(const char *id, int argc, char **argv) {
         return 0;
 }
 
+/* CoAP DTLS-PSK of a device (front/coap-config.h), computed here from the key the daemon gives. */
+static int device_show_coap_psk(const char *id, int argc, char **argv) {
+        bool secondary = false;
+        for (int i = optind; i < argc; i++) {
+                if (streq(argv[i], "--secondary"))
+                        secondary = true;
+                else
+                        return usage_fail("device show-coap-psk: unexpected argument \"%s\"", argv[i]);
+        }
+        json_t *d = NULL;
+        int r = get_device("device show-coap-psk", id, &d);
+        if (r)
+                return r;
+        json_t *auth = json_object_get(d, "authentication");
+        if (!streq(jstr(auth, "type"), "sas")) {
+                json_decref(d);
+                fprintf(stderr, "device show-coap-psk: device %s does not use symmetric keys\n", id);
+                return 1;
+        }
+        uint8_t psk[GW_COAP_PSK_BYTES];
+        r = gw_coap_psk_derive(jstr(json_object_get(auth, "symmetricKey"), secondary ? "secondaryKey" : "primaryKey"),
+                               psk);
+        json_decref(d);
+        if (r < 0) {
+                fprintf(stderr, "device show-coap-psk: the key of %s is not base64 of 16..64 bytes\n", id);
+                return 1;
+        }
+        char hex[2 * GW_COAP_PSK_BYTES + 1], identity[128 + 8];
+        for (size_t i = 0; i < sizeof psk; i++)
+                snprintf(hex + 2 * i, 3, "%02x", psk[i]);
+        snprintf(identity, sizeof identity, "%s%s", id, secondary ? "#2" : "");
+        if (arg_json) {
+                json_t *j = json_pack("{s:s, s:s}", "identity", identity, "pskHex", hex);
+                print_json(j);
+                json_decref(j);
+        } else
+                printf("identity: %s\npsk: %s\n", identity, hex);
+        hub_explicit_bzero(psk, sizeof psk);
+        hub_explicit_bzero(hex, sizeof hex);
+        return 0;
+}
+
 static int cmd_device(int argc, char **argv) {
-        static const char *subs = "create, show, list, update, delete, show-connection-string, regenerate-key";
+        static const char *subs = "create, show, list, update, delete, show-connection-string, show-coap-psk, regenerate-key";
         if (argc < 2)
                 return usage_fail("device: need a subcommand (%s)", subs);
         const char *sub = argv[1];
@@ -1161,7 +1207,7 @@ static int cmd_device(int argc, char **argv) {
         if (streq(sub, "list"))
                 return optind = 0, device_list(argc - 1, argv + 1);
         if (!streq(sub, "create") && !streq(sub, "show") && !streq(sub, "update") && !streq(sub, "delete") &&
-            !streq(sub, "show-connection-string") && !streq(sub, "regenerate-key"))
+            !streq(sub, "show-connection-string") && !streq(sub, "show-coap-psk") && !streq(sub, "regenerate-key"))
                 return usage_fail("device: unknown subcommand \"%s\" (expected %s)", sub, subs);
         if (argc < 3 || argv[2][0] == '-')
                 return usage_fail("device %s: need a device id", sub);
@@ -1178,6 +1224,8 @@ static int cmd_device(int argc, char **argv) {
                 return device_regenerate_key(id, argc, argv);
         if (streq(sub, "show-connection-string"))
                 return optind = 1, device_show_cs(id, argc, argv);
+        if (streq(sub, "show-coap-psk"))
+                return optind = 1, device_show_coap_psk(id, argc, argv);
         if (streq(sub, "show")) {
                 if (argc > 1)
                         return usage_fail("device show: unexpected argument \"%s\"", argv[1]);

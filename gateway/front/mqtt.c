@@ -27,6 +27,7 @@
 #include <mbedtls/oid.h>
 #include <mbedtls/x509_crt.h>
 
+#include "auth-x509.h"
 #include "config.h"
 #include "front/mqtt-codec.h"
 #include "front/mqtt-topic.h"
@@ -335,68 +336,16 @@ static void append_done(int result, uint64_t seq, void *ud) {
 
 /* ---- X.509 -------------------------------------------------------------------------------- */
 
-static bool hex_eq(const uint8_t *digest, size_t n, const char *hex) {
-        static const char digits[] = "0123456789abcdef";
-        if (strlen(hex) != 2 * n)
-                return false;
-        for (size_t i = 0; i < n; i++) {
-                char h = (char) (hex[2 * i] | 0x20), l = (char) (hex[2 * i + 1] | 0x20);
-                if (h != digits[digest[i] >> 4] || l != digits[digest[i] & 15])
-                        return false;
-        }
-        return true;
-}
-
 /* Checks the client certificate of the connection against the registry entry d (reference
- * §1.8). Returns NULL when it is accepted, else the reason (for the log). */
+ * §1.8, gateway/auth-x509.c). Returns NULL when it is accepted, else the reason (for the log). */
 static const char *check_x509(struct mconn *mc, const struct hub_device *d) {
+        const uint8_t *der = NULL;
+        size_t der_len = 0;
         const mbedtls_x509_crt *crt = gw_net_conn_get_peer_cert(mc->c);
-        const uint8_t *der;
-        size_t der_len;
 
         if (!crt || gw_net_conn_get_peer_cert_der(mc->c, &der, &der_len) < 0)
                 return "no password and no client certificate";
-        if (mbedtls_x509_time_is_future(&crt->valid_from))
-                return "the client certificate is not valid yet";
-        if (mbedtls_x509_time_is_past(&crt->valid_to))
-                return "the client certificate has expired";
-
-        if (d->auth_type == HUB_AUTH_TYPE_SELF_SIGNED) {
-                uint8_t sha1[20], sha256[32];
-                if (mbedtls_md(mbedtls_md_info_from_type(MBEDTLS_MD_SHA1), der, der_len, sha1) != 0 ||
-                    mbedtls_md(mbedtls_md_info_from_type(MBEDTLS_MD_SHA256), der, der_len, sha256) != 0)
-                        return "cannot hash the client certificate";
-                const char *tp[2] = { d->primary_thumbprint, d->secondary_thumbprint };
-                for (int i = 0; i < 2; i++)
-                        if (tp[i][0] && (hex_eq(sha1, sizeof sha1, tp[i]) || hex_eq(sha256, sizeof sha256, tp[i])))
-                                return NULL;
-                return "the client certificate's thumbprint matches neither registered thumbprint";
-        }
-        if (d->auth_type == HUB_AUTH_TYPE_CA) {
-                if (!mc->m->have_ca)
-                        return "no CA certificate is configured (hub.x509_ca_files)";
-                uint32_t flags = 0;
-                /* The chain the device sent is linked behind the leaf. */
-                if (mbedtls_x509_crt_verify((mbedtls_x509_crt *) crt, &mc->m->ca_chain, NULL, NULL, &flags, NULL,
-                                            NULL) != 0)
-                        return (flags & MBEDTLS_X509_BADCERT_EXPIRED) ? "the certificate chain has expired"
-                                                                      : "the client certificate does not chain to a configured CA";
-                char cn[HUB_DEVICE_ID_MAX * 2 + 2] = "";
-                for (const mbedtls_x509_name *n = &crt->subject; n; n = n->next)
-                        if (n->oid.p && MBEDTLS_OID_CMP(MBEDTLS_OID_AT_CN, &n->oid) == 0) {
-                                if (n->val.len >= sizeof cn)
-                                        return "the client certificate's CN is too long";
-                                memcpy(cn, n->val.p, n->val.len);
-                                cn[n->val.len] = 0;
-                        }
-                char want[HUB_DEVICE_ID_MAX * 2 + 2];
-                snprintf(want, sizeof want, "%s%s%s", mc->device_id, mc->module_id ? "/" : "",
-                         mc->module_id ? mc->module_id : "");
-                if (!streq(cn, want))
-                        return "the client certificate's subject CN is not the device id";
-                return NULL;
-        }
-        return "the device does not use X.509 authentication";
+        return gw_auth_x509_check(crt, der, der_len, d, mc->module_id, mc->m->have_ca ? &mc->m->ca_chain : NULL);
 }
 
 /* ---- session ops -------------------------------------------------------------------------- */

@@ -5,17 +5,16 @@
  * template: {deviceId}, {moduleId}, {endpoint}, or {name} for an application property
  * (an absent one expands to nothing; '/', '+', '#' in values become '_').
  *
- * paho calls back from its own threads. Those callbacks only append a small record to a
- * mutex-protected inbox and write an eventfd; the loop drains the inbox and calls the
- * framework. A publish's token maps back to its sequence number on the loop thread, and the
- * cursor moves only on the publish's success callback (PUBACK). */
+ * paho calls back from its own threads. Those callbacks only post a small record to the
+ * shared paho inbox (paho-inbox.h: a mutex-protected list and an eventfd); the loop takes the
+ * records and calls the framework. A publish's token maps back to its sequence number on the
+ * loop thread, and the cursor moves only on the publish's success callback (PUBACK). */
 
 #include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <MQTTAsync.h>
@@ -25,14 +24,15 @@
 #include "hub/clock.h"
 #include "hub/msg.h"
 #include "log.h"
+#include "paho-inbox.h"
 
 enum ev_kind { EV_CONNECTED, EV_CONNECT_FAILED, EV_LOST, EV_PUB_OK, EV_PUB_FAILED };
 
 struct mqtt_ev {
+        struct gw_paho_item item;
         enum ev_kind kind;
         unsigned gen;
         int token, code;
-        struct mqtt_ev *next;
 };
 
 struct pending {
@@ -48,11 +48,9 @@ struct mqtt_ep {
         int keep_alive_sec, timeout_sec;
         unsigned gen;      /* connection generation: stale connect / lost events are ignored */
         bool connected;
-        /* the inbox */
+        struct gw_paho_inbox *inbox;
         pthread_mutex_t lock;
-        struct mqtt_ev *head, *tail;
-        int efd;
-        sd_event_source *efd_source;
+        struct conn_ctx *ctxs; /* under lock */
         /* token → seq of publishes in flight (loop thread only) */
         struct pending *pend;
         size_t n_pend, cap_pend;
@@ -63,15 +61,7 @@ static void post(struct mqtt_ep *m, enum ev_kind kind, unsigned gen, int token, 
         if (!e)
                 return; /* the connection is then considered stuck by keep-alive / resend */
         *e = (struct mqtt_ev) { .kind = kind, .gen = gen, .token = token, .code = code };
-        pthread_mutex_lock(&m->lock);
-        if (m->tail)
-                m->tail->next = e;
-        else
-                m->head = e;
-        m->tail = e;
-        pthread_mutex_unlock(&m->lock);
-        uint64_t one = 1;
-        (void) !write(m->efd, &one, sizeof one);
+        gw_paho_inbox_post(m->inbox, &e->item);
 }
 
 /* ---- paho's threads --------------------------------------------------------------------- */
@@ -81,18 +71,31 @@ static void post(struct mqtt_ep *m, enum ev_kind kind, unsigned gen, int token, 
 struct conn_ctx {
         struct mqtt_ep *m;
         unsigned gen;
+        struct conn_ctx *next; /* m->ctxs: outstanding connects, freed by destroy if paho never answers */
 };
+
+static void ctx_release(struct conn_ctx *c) {
+        struct mqtt_ep *m = c->m;
+        pthread_mutex_lock(&m->lock);
+        for (struct conn_ctx **p = &m->ctxs; *p; p = &(*p)->next)
+                if (*p == c) {
+                        *p = c->next;
+                        break;
+                }
+        pthread_mutex_unlock(&m->lock);
+        free(c);
+}
 
 static void on_connect_ok(void *context, MQTTAsync_successData *resp) {
         struct conn_ctx *c = context;
         post(c->m, EV_CONNECTED, c->gen, 0, 0);
-        free(c);
+        ctx_release(c);
 }
 
 static void on_connect_fail(void *context, MQTTAsync_failureData *resp) {
         struct conn_ctx *c = context;
         post(c->m, EV_CONNECT_FAILED, c->gen, 0, resp ? resp->code : -1);
-        free(c);
+        ctx_release(c);
 }
 
 static void on_lost(void *context, char *cause) {
@@ -126,54 +129,47 @@ static bool take_pending(struct mqtt_ep *m, int token, uint64_t *ret_seq) {
         return false;
 }
 
-static int on_inbox(sd_event_source *s, int fd, uint32_t revents, void *ud) {
+static void free_ev(struct gw_paho_item *it) {
+        free(it);
+}
+
+static void on_inbox(void *ud, struct gw_paho_item *it) {
         struct mqtt_ep *m = ud;
-        uint64_t v;
-        (void) !read(m->efd, &v, sizeof v);
-        pthread_mutex_lock(&m->lock);
-        struct mqtt_ev *e = m->head;
-        m->head = m->tail = NULL;
-        pthread_mutex_unlock(&m->lock);
-        while (e) {
-                struct mqtt_ev *next = e->next;
-                uint64_t seq;
-                char why[128];
-                switch (e->kind) {
-                case EV_CONNECTED:
-                        if (e->gen == m->gen) {
-                                m->connected = true;
-                                gw_endpoint_up(m->ep);
-                        }
-                        break;
-                case EV_CONNECT_FAILED:
-                        if (e->gen == m->gen) {
-                                snprintf(why, sizeof why, "cannot connect to %s (paho code %d)", m->address, e->code);
-                                gw_endpoint_down(m->ep, -ECONNREFUSED, why);
-                        }
-                        break;
-                case EV_LOST:
-                        if (m->connected) {
-                                m->connected = false;
-                                snprintf(why, sizeof why, "connection to %s lost", m->address);
-                                gw_endpoint_down(m->ep, -ECONNRESET, why);
-                        }
-                        break;
-                case EV_PUB_OK:
-                        if (take_pending(m, e->token, &seq))
-                                gw_endpoint_confirm(m->ep, seq, 0);
-                        break;
-                case EV_PUB_FAILED:
-                        if (take_pending(m, e->token, &seq) && m->connected) {
-                                snprintf(why, sizeof why, "publish failed (paho code %d)", e->code);
-                                m->connected = false;
-                                gw_endpoint_down(m->ep, -EIO, why);
-                        }
-                        break;
+        struct mqtt_ev *e = (struct mqtt_ev *) it;
+        uint64_t seq;
+        char why[128];
+        switch (e->kind) {
+        case EV_CONNECTED:
+                if (e->gen == m->gen) {
+                        m->connected = true;
+                        gw_endpoint_up(m->ep);
                 }
-                free(e);
-                e = next;
+                break;
+        case EV_CONNECT_FAILED:
+                if (e->gen == m->gen) {
+                        snprintf(why, sizeof why, "cannot connect to %s (paho code %d)", m->address, e->code);
+                        gw_endpoint_down(m->ep, -ECONNREFUSED, why);
+                }
+                break;
+        case EV_LOST:
+                if (m->connected) {
+                        m->connected = false;
+                        snprintf(why, sizeof why, "connection to %s lost", m->address);
+                        gw_endpoint_down(m->ep, -ECONNRESET, why);
+                }
+                break;
+        case EV_PUB_OK:
+                if (take_pending(m, e->token, &seq))
+                        gw_endpoint_confirm(m->ep, seq, 0);
+                break;
+        case EV_PUB_FAILED:
+                if (take_pending(m, e->token, &seq) && m->connected) {
+                        snprintf(why, sizeof why, "publish failed (paho code %d)", e->code);
+                        m->connected = false;
+                        gw_endpoint_down(m->ep, -EIO, why);
+                }
+                break;
         }
-        return 0;
 }
 
 static char *dup_or_null(const char *s) {
@@ -189,7 +185,6 @@ static int mqtt_create(struct gw_endpoint *ep, const struct gw_endpoint_conf *c,
         if (!m)
                 return -ENOMEM;
         m->ep = ep;
-        m->efd = -1;
         pthread_mutex_init(&m->lock, NULL);
         if (!c->client_id) {
                 char host[64] = "fieldhub";
@@ -222,13 +217,7 @@ static int mqtt_create(struct gw_endpoint *ep, const struct gw_endpoint_conf *c,
         }
         if (m->password)
                 (void) gw_log_add_secret(m->password);
-        m->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-        if (m->efd < 0) {
-                r = -errno;
-                mqtt_destroy(m);
-                return r;
-        }
-        r = sd_event_add_io(gw_endpoint_event(ep), &m->efd_source, m->efd, EPOLLIN, on_inbox, m);
+        r = gw_paho_inbox_new(gw_endpoint_event(ep), on_inbox, free_ev, m, &m->inbox);
         if (r < 0) {
                 mqtt_destroy(m);
                 return r;
@@ -261,6 +250,10 @@ static int mqtt_connect(void *t) {
         m->gen++;
         m->n_pend = 0;
         *c = (struct conn_ctx) { .m = m, .gen = m->gen };
+        pthread_mutex_lock(&m->lock);
+        c->next = m->ctxs;
+        m->ctxs = c;
+        pthread_mutex_unlock(&m->lock);
         o.keepAliveInterval = m->keep_alive_sec;
         o.cleansession = 1;
         o.connectTimeout = m->timeout_sec;
@@ -280,7 +273,7 @@ static int mqtt_connect(void *t) {
         }
         int r = MQTTAsync_connect(m->client, &o);
         if (r != MQTTASYNC_SUCCESS) {
-                free(c);
+                ctx_release(c);
                 char why[128];
                 snprintf(why, sizeof why, "paho refused to connect to %s (code %d)", m->address, r);
                 gw_endpoint_down(m->ep, -EIO, why);
@@ -367,13 +360,13 @@ static void mqtt_destroy(void *t) {
         struct mqtt_ep *m = t;
         if (m->client)
                 MQTTAsync_destroy(&m->client);
-        sd_event_source_disable_unref(m->efd_source);
-        if (m->efd >= 0)
-                close(m->efd);
-        for (struct mqtt_ev *e = m->head, *n; e; e = n) {
-                n = e->next;
-                free(e);
+        /* No callback runs after destroy: connects paho never answered are ours to free. */
+        for (struct conn_ctx *c = m->ctxs, *n; c; c = n) {
+                n = c->next;
+                free(c);
         }
+        m->ctxs = NULL;
+        m->inbox = gw_paho_inbox_free(m->inbox);
         pthread_mutex_destroy(&m->lock);
         free(m->address);
         free(m->client_id);

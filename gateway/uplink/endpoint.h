@@ -31,6 +31,7 @@
 #include "uplink-config.h"
 
 struct gw_endpoint;
+struct gw_hub;
 struct hub_msg;
 struct sd_event;
 
@@ -62,6 +63,8 @@ struct gw_endpoint_ops {
 
 extern const struct gw_endpoint_ops gw_endpoint_file_ops;
 extern const struct gw_endpoint_ops gw_endpoint_mqtt_ops;
+extern const struct gw_endpoint_ops gw_endpoint_http_ops;
+extern const struct gw_endpoint_ops gw_endpoint_upstream_ops;
 
 /* For transports. */
 void gw_endpoint_up(struct gw_endpoint *ep);
@@ -74,3 +77,5 @@ void gw_endpoint_confirm(struct gw_endpoint *ep, uint64_t seq, int result);
 void gw_endpoint_count_poison(struct gw_endpoint *ep, uint64_t seq, const char *why);
 const char *gw_endpoint_name(const struct gw_endpoint *ep);
 struct sd_event *gw_endpoint_event(const struct gw_endpoint *ep);
+/* The hub the endpoint's uplink serves (for transports that also carry traffic down: upstream). */
+struct gw_hub *gw_endpoint_hub(const struct gw_endpoint *ep);

@@ -6,13 +6,16 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
+#include "hub/auth.h"
 #include "hub/clock.h"
 #include "hub/query.h"
+#include "hub/registry.h"
 #include "uplink-config.h"
 
 static const char *const type_names[] = { [GW_ENDPOINT_MQTT] = "mqtt", [GW_ENDPOINT_HTTP] = "http",
-                                          [GW_ENDPOINT_FILE] = "file", NULL };
+                                          [GW_ENDPOINT_FILE] = "file", [GW_ENDPOINT_UPSTREAM] = "upstream", NULL };
 static const char *const overflow_names[] = { [HUB_OUTBOX_DROP_OLDEST] = "drop-oldest",
                                               [HUB_OUTBOX_REJECT_NEW] = "reject-new", NULL };
 static const char *const fsync_names[] = { [GW_FILE_FSYNC_BATCH] = "batch", [GW_FILE_FSYNC_NEVER] = "never", NULL };
@@ -22,8 +25,13 @@ static const char *const source_names[] = { "DeviceMessages", "TwinChangeEvents"
 static const char *const common_keys[] = { "name", "type", "queue", "batch", "inflight", "retry", "timeout" };
 static const char *const mqtt_keys[] = { "address", "client_id", "topic", "qos", "username", "password_file",
                                          "password_credential", "tls", "keep_alive", NULL };
-static const char *const http_keys[] = { "url", "headers", "tls", NULL };
+static const char *const http_keys[] = { "url", "headers", "tls", "on_client_error", "client_error_tries", NULL };
+static const char *const client_error_names[] = { "retry", "skip", NULL };
 static const char *const file_keys[] = { "file", "max_size", "max_files", "fsync", NULL };
+static const char *const upstream_keys[] = { "host_name", "gateway_host", "port", "tls", "keep_alive", "token_ttl",
+                                             "devices", NULL };
+static const char *const upstream_tls_keys[] = { "ca_file", NULL };
+static const char *const upstream_device_keys[] = { "id", "key_file", "key_credential", NULL };
 static const char *const queue_keys[] = { "max_messages", "max_bytes", "overflow", "ttl", NULL };
 static const char *const batch_keys[] = { "max_messages", "max_delay", NULL };
 static const char *const retry_keys[] = { "initial", "max", NULL };
@@ -75,6 +83,13 @@ static void endpoint_done(struct gw_endpoint_conf *ep) {
         }
         free(ep->headers);
         free(ep->path);
+        free(ep->host_name);
+        free(ep->gateway_host);
+        for (size_t i = 0; i < ep->n_devices; i++) {
+                free(ep->devices[i].id);
+                wipe_free(ep->devices[i].key);
+        }
+        free(ep->devices);
         wipe_free(ep->fingerprint);
 }
 
@@ -189,7 +204,8 @@ static int get_names(const struct adp_conf_node *map, const char *key, struct ad
 static int check_keys_of(const struct adp_conf_node *item, enum gw_endpoint_type t, struct adp_conf_errors *e) {
         const char *allowed[32];
         size_t n = 0;
-        const char *const *specific = t == GW_ENDPOINT_MQTT ? mqtt_keys : t == GW_ENDPOINT_HTTP ? http_keys : file_keys;
+        const char *const *specific = t == GW_ENDPOINT_MQTT ? mqtt_keys : t == GW_ENDPOINT_HTTP ? http_keys :
+                                      t == GW_ENDPOINT_UPSTREAM ? upstream_keys : file_keys;
         for (size_t i = 0; i < sizeof common_keys / sizeof common_keys[0]; i++)
                 allowed[n++] = common_keys[i];
         for (size_t i = 0; specific[i]; i++)
@@ -276,6 +292,29 @@ static void check_topic(const struct adp_conf_node *n, const char *t, struct adp
         }
 }
 
+/* Whether the authority after "http://" names the loopback interface. */
+static bool url_is_loopback(const char *a) {
+        size_t n = strcspn(a, "/?#");
+        const char *at = memchr(a, '@', n);
+        if (at) {
+                n -= (size_t) (at + 1 - a);
+                a = at + 1;
+        }
+        if (n >= 5 && strncmp(a, "[::1]", 5) == 0)
+                return n == 5 || a[5] == ':';
+        size_t h = strcspn(a, ":/?#");
+        if (h > n)
+                h = n;
+        if (h == 9 && strncasecmp(a, "localhost", 9) == 0)
+                return true;
+        if (h < 4 || strncmp(a, "127.", 4) != 0)
+                return false;
+        for (size_t i = 4; i < h; i++)
+                if (!(a[i] == '.' || (a[i] >= '0' && a[i] <= '9')))
+                        return false;
+        return true;
+}
+
 static int fingerprint(struct gw_endpoint_conf *ep) {
         size_t sz = 0;
         char *buf = NULL;
@@ -287,6 +326,11 @@ static int fingerprint(struct gw_endpoint_conf *ep) {
                 strempty(ep->password), strempty(ep->ca_file), strempty(ep->cert_file), strempty(ep->key_file),
                 ep->keep_alive_usec, strempty(ep->url), ep->tls_insecure_skip_verify, strempty(ep->path),
                 ep->max_size, ep->max_files, ep->fsync, ep->timeout_usec);
+        fprintf(f, "|%s|%s|%u|%" PRIu64, strempty(ep->host_name), strempty(ep->gateway_host), ep->port,
+                ep->token_ttl_usec);
+        for (size_t i = 0; i < ep->n_devices; i++)
+                fprintf(f, "|%s=%s", ep->devices[i].id, ep->devices[i].key);
+        fprintf(f, "|%d|%u", ep->client_error_skip, ep->client_error_tries);
         for (size_t i = 0; i < ep->n_headers; i++)
                 fprintf(f, "|%s=%s", ep->headers[i].name, ep->headers[i].value);
         if (fclose(f) != 0) {
@@ -294,6 +338,106 @@ static int fingerprint(struct gw_endpoint_conf *ep) {
                 return -ENOMEM;
         }
         ep->fingerprint = buf;
+        return 0;
+}
+
+/* A host name for the SAS sr and the user name: at least one dot (IoT Hub SDKs split it). */
+static bool host_name_valid(const char *h) {
+        if (!*h || strlen(h) > 253 || !strchr(h, '.'))
+                return false;
+        for (const char *p = h; *p; p++)
+                if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') || *p == '-' ||
+                      *p == '.'))
+                        return false;
+        return true;
+}
+
+/* type: upstream (endpoint-upstream.c): the cloud hub, and the devices that connect to it as
+ * themselves with their upstream keys. */
+static int parse_upstream(struct gw_endpoint_conf *ep, const struct adp_conf_node *item, struct adp_conf_errors *e) {
+        const struct adp_conf_node *sub, *devs;
+        const char *s;
+        char found[128];
+        uint64_t v;
+        int r;
+
+        if (adp_conf_get_string(item, "host_name", true, e, &s) == 0) {
+                if (!host_name_valid(s))
+                        adp_conf_error(e, adp_conf_get(item, "host_name"),
+                                       "found %s, expected the cloud hub's DNS name with at least one dot "
+                                       "(e.g. myhub.azure-devices.net)",
+                                       adp_conf_describe(adp_conf_get(item, "host_name"), found, sizeof found));
+                else if (!(ep->host_name = strdup(s)))
+                        return -ENOMEM;
+        }
+        if (adp_conf_get_string(item, "gateway_host", false, e, &s) == 0) {
+                if (!*s || strpbrk(s, "/:@ \t"))
+                        adp_conf_error(e, adp_conf_get(item, "gateway_host"),
+                                       "found %s, expected a host name or IPv4 address (no port, no scheme)",
+                                       adp_conf_describe(adp_conf_get(item, "gateway_host"), found, sizeof found));
+                else if (!(ep->gateway_host = strdup(s)))
+                        return -ENOMEM;
+        }
+        if (adp_conf_get_uint(item, "port", false, 1, 65535, e, &v) == 0)
+                ep->port = (unsigned) v;
+        (void) adp_conf_get_duration(item, "keep_alive", false, 5 * USEC_PER_SEC, 1177 * USEC_PER_SEC, e,
+                                     &ep->keep_alive_usec);
+        (void) adp_conf_get_duration(item, "token_ttl", false, 60 * USEC_PER_SEC, UINT64_C(365) * 86400 * USEC_PER_SEC,
+                                     e, &ep->token_ttl_usec);
+        if (adp_conf_get_map(item, "tls", false, e, &sub) == 0) {
+                (void) adp_conf_check_keys(sub, upstream_tls_keys, e);
+                if ((r = get_abs_path(sub, "ca_file", e, &ep->ca_file)) < 0)
+                        return r;
+        }
+        if (adp_conf_get_seq(item, "devices", true, e, &devs) < 0)
+                return 0;
+        if (adp_conf_len(devs) == 0) {
+                adp_conf_error(e, devs, "found an empty list, expected at least one device with its upstream key");
+                return 0;
+        }
+        ep->devices = calloc(adp_conf_len(devs), sizeof *ep->devices);
+        if (!ep->devices)
+                return -ENOMEM;
+        for (size_t i = 0; i < adp_conf_len(devs); i++) {
+                const struct adp_conf_node *d = adp_conf_at(devs, i);
+                const char *id;
+                char *key = NULL;
+                bool dup = false;
+                char sig[45];
+                if (adp_conf_kind(d) != ADP_CONF_MAP) {
+                        adp_conf_error(e, d, "found %s, expected a mapping with id and key_file or key_credential",
+                                       adp_conf_describe(d, found, sizeof found));
+                        continue;
+                }
+                (void) adp_conf_check_keys(d, upstream_device_keys, e);
+                if (adp_conf_get_string(d, "id", true, e, &id) < 0)
+                        continue;
+                if (!hub_device_id_valid(id)) {
+                        adp_conf_error(e, adp_conf_get(d, "id"), "found %s, expected a device id",
+                                       adp_conf_describe(adp_conf_get(d, "id"), found, sizeof found));
+                        continue;
+                }
+                for (size_t j = 0; j < ep->n_devices; j++)
+                        dup = dup || streq(ep->devices[j].id, id);
+                if (dup) {
+                        adp_conf_error(e, adp_conf_get(d, "id"), "found \"%s\" again, expected unique ids", id);
+                        continue;
+                }
+                r = adp_conf_get_secret(d, "key", true, e, &key);
+                if (r == -ENOMEM)
+                        return r;
+                if (r < 0)
+                        continue;
+                if (hub_sas_sign("x", 1, key, sig) < 0) {
+                        adp_conf_error(e, d, "the key of device \"%s\" is not the base64 of 16 to 64 bytes", id);
+                        wipe_free(key);
+                        continue;
+                }
+                ep->devices[ep->n_devices].key = key;
+                if (!(ep->devices[ep->n_devices].id = strdup(id)))
+                        return -ENOMEM;
+                ep->n_devices++;
+        }
         return 0;
 }
 
@@ -326,11 +470,6 @@ static int parse_endpoint(struct gw_routing_conf *c, const struct adp_conf_node 
                                        name);
                         return 0;
                 }
-        if (type == GW_ENDPOINT_HTTP) {
-                adp_conf_error(e, adp_conf_get(item, "type"),
-                               "the http endpoint is not available in this version, expected mqtt or file");
-                return 0;
-        }
         *ep = (struct gw_endpoint_conf) {
                 .type = type,
                 .queue = { .overflow = HUB_OUTBOX_DROP_OLDEST },
@@ -345,11 +484,16 @@ static int parse_endpoint(struct gw_routing_conf *c, const struct adp_conf_node 
                 .max_size = 16 * 1024 * 1024,
                 .max_files = 5,
                 .fsync = GW_FILE_FSYNC_BATCH,
+                .port = 8883,
+                .token_ttl_usec = 3600 * USEC_PER_SEC,
+                .client_error_tries = 3,
         };
         ep->name = strdup(name);
         if (!ep->name)
                 return -ENOMEM;
         c->n_endpoints++; /* owned from here on: freed with the configuration */
+        if (type == GW_ENDPOINT_UPSTREAM)
+                ep->keep_alive_usec = 240 * USEC_PER_SEC;
         (void) check_keys_of(item, type, e);
 
         if (adp_conf_get_map(item, "queue", false, e, &sub) == 0) {
@@ -427,11 +571,21 @@ static int parse_endpoint(struct gw_routing_conf *c, const struct adp_conf_node 
                         if (strncmp(url, "https://", 8) != 0 && strncmp(url, "http://", 7) != 0)
                                 adp_conf_error(e, adp_conf_get(item, "url"), "found %s, expected an https:// URL",
                                                adp_conf_describe(adp_conf_get(item, "url"), found, sizeof found));
+                        else if (strncmp(url, "http://", 7) == 0 && !url_is_loopback(url + 7))
+                                adp_conf_error(e, adp_conf_get(item, "url"),
+                                               "found %s, expected an https:// URL (plain http:// only to "
+                                               "127.0.0.0/8, [::1] or localhost)",
+                                               adp_conf_describe(adp_conf_get(item, "url"), found, sizeof found));
                         else if (!(ep->url = strdup(url)))
                                 return -ENOMEM;
                 }
                 if ((r = parse_headers(ep, item, e)) < 0)
                         return r;
+                int ce;
+                if (adp_conf_get_enum(item, "on_client_error", false, client_error_names, e, &ce) == 0)
+                        ep->client_error_skip = ce == 1;
+                if (adp_conf_get_uint(item, "client_error_tries", false, 1, 1000, e, &v) == 0)
+                        ep->client_error_tries = (unsigned) v;
                 if (adp_conf_get_map(item, "tls", false, e, &sub) == 0) {
                         (void) adp_conf_check_keys(sub, http_tls_keys, e);
                         if ((r = get_abs_path(sub, "ca_file", e, &ep->ca_file)) < 0)
@@ -459,6 +613,10 @@ static int parse_endpoint(struct gw_routing_conf *c, const struct adp_conf_node 
                         ep->fsync = fs;
                 break;
         }
+        case GW_ENDPOINT_UPSTREAM:
+                if ((r = parse_upstream(ep, item, e)) < 0)
+                        return r;
+                break;
         default:
                 break;
         }

@@ -22,6 +22,7 @@ enum gw_endpoint_type {
         GW_ENDPOINT_MQTT,
         GW_ENDPOINT_HTTP,
         GW_ENDPOINT_FILE,
+        GW_ENDPOINT_UPSTREAM,
         _GW_ENDPOINT_TYPE_MAX,
 };
 
@@ -35,6 +36,12 @@ struct gw_header {
         char *name;
         char *value;          /* secret values are wiped on free */
         bool secret;
+};
+
+/* An upstream identity: a local device that connects to the cloud hub as itself. */
+struct gw_upstream_device {
+        char *id;
+        char *key;            /* base64 SAS key (secret, wiped on free) */
 };
 
 struct gw_endpoint_conf {
@@ -60,11 +67,20 @@ struct gw_endpoint_conf {
         struct gw_header *headers;
         size_t n_headers;
         bool tls_insecure_skip_verify; /* http: tls.verify: false (tests only; logged) */
+        bool client_error_skip;       /* http: on_client_error: skip (else retry) */
+        unsigned client_error_tries;  /* http: client_error_tries (tries of one message before skip) */
         /* file */
         char *path;                   /* absolute: logs_dir/<file> */
         uint64_t max_size;
         unsigned max_files;
         enum gw_file_fsync fsync;
+        /* upstream (also uses ca_file, keep_alive_usec, timeout_usec) */
+        char *host_name;              /* the cloud hub's name: SAS sr, MQTT user name */
+        char *gateway_host;           /* where to connect (default host_name) */
+        unsigned port;                /* default 8883 */
+        uint64_t token_ttl_usec;      /* SAS tokens' lifetime; renewed at 80% by reconnecting */
+        struct gw_upstream_device *devices;
+        size_t n_devices;
         /* Everything that requires a new transport when it changes, as text. */
         char *fingerprint;
 };

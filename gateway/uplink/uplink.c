@@ -2,6 +2,7 @@
 /* The endpoint framework and the set of configured endpoints (endpoint.h, uplink.h). */
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -69,6 +70,10 @@ static const struct gw_endpoint_ops *ops_of(enum gw_endpoint_type t) {
                 return &gw_endpoint_mqtt_ops;
         case GW_ENDPOINT_FILE:
                 return &gw_endpoint_file_ops;
+        case GW_ENDPOINT_HTTP:
+                return &gw_endpoint_http_ops;
+        case GW_ENDPOINT_UPSTREAM:
+                return &gw_endpoint_upstream_ops;
         default:
                 return NULL;
         }
@@ -80,6 +85,10 @@ const char *gw_endpoint_name(const struct gw_endpoint *ep) {
 
 struct sd_event *gw_endpoint_event(const struct gw_endpoint *ep) {
         return ep->u->event;
+}
+
+struct gw_hub *gw_endpoint_hub(const struct gw_endpoint *ep) {
+        return ep->u->hub;
 }
 
 /* ---- the in-flight ring ----------------------------------------------------------------- */
@@ -376,6 +385,11 @@ static void on_appended(void *ud, uint64_t seq) {
 
 static void ep_tick(struct gw_endpoint *ep, uint64_t now) {
         struct hub_outbox_endpoint_stats st;
+        /* One rate limit per endpoint and kind: a burst of drops must not hide an expiry. */
+        char key_drop[HUB_OUTBOX_ENDPOINT_NAME_MAX + 16], key_full[sizeof key_drop], key_ttl[sizeof key_drop];
+        snprintf(key_drop, sizeof key_drop, "%s/overflow", ep->name);
+        snprintf(key_full, sizeof key_full, "%s/full", ep->name);
+        snprintf(key_ttl, sizeof key_ttl, "%s/expired", ep->name);
         hub_outbox_endpoint_get_stats(ep->oep, &st);
         if (ep->last_tick_mono) {
                 double dt = (double) (now - ep->last_tick_mono) / 1e6;
@@ -385,14 +399,14 @@ static void ep_tick(struct gw_endpoint *ep, uint64_t now) {
         if (st.drops > ep->last_drops)
                 gw_log_full(LOG_WARNING, 0,
                             GW_FIELDS(.component = "uplink", .endpoint = ep->name, .message_id = GW_MSG_QUEUE_OVERFLOW,
-                                      .event = "queue-overflow", .ratelimit_key = ep->name,
+                                      .event = "queue-overflow", .ratelimit_key = key_drop,
                                       .queue_depth = (long long) st.backlog_count, .has_queue_depth = true),
                             "Endpoint %s is over capacity: dropped the %llu oldest messages (%llu in all)", ep->name,
                             (unsigned long long) (st.drops - ep->last_drops), (unsigned long long) st.drops);
         if (st.rejected > ep->last_rejected)
                 gw_log_full(LOG_WARNING, 0,
                             GW_FIELDS(.component = "uplink", .endpoint = ep->name, .message_id = GW_MSG_QUEUE_OVERFLOW,
-                                      .event = "queue-full", .ratelimit_key = ep->name,
+                                      .event = "queue-full", .ratelimit_key = key_full,
                                       .queue_depth = (long long) st.backlog_count, .has_queue_depth = true),
                             "Endpoint %s is full: refused %llu new messages (publishers keep them; %llu in all)",
                             ep->name, (unsigned long long) (st.rejected - ep->last_rejected),
@@ -400,7 +414,7 @@ static void ep_tick(struct gw_endpoint *ep, uint64_t now) {
         if (st.expiries > ep->last_expiries)
                 gw_log_full(LOG_WARNING, 0,
                             GW_FIELDS(.component = "uplink", .endpoint = ep->name, .event = "expired",
-                                      .ratelimit_key = ep->name),
+                                      .ratelimit_key = key_ttl),
                             "Endpoint %s: %llu messages expired (TTL) before they could be sent (%llu in all)",
                             ep->name, (unsigned long long) (st.expiries - ep->last_expiries),
                             (unsigned long long) st.expiries);
@@ -609,6 +623,7 @@ int gw_uplink_new(sd_event *e, struct gw_hub *hub, const struct gw_config *cfg, 
                 return r;
         }
         hub_outbox_set_appended_hook(hub->outbox, on_appended, u);
+        hub->uplink = u;
         *ret = u;
         return 0;
 }
@@ -622,6 +637,8 @@ struct gw_uplink *gw_uplink_free(struct gw_uplink *u) {
                 return NULL;
         if (u->hub && u->hub->outbox)
                 hub_outbox_set_appended_hook(u->hub->outbox, NULL, NULL);
+        if (u->hub && u->hub->uplink == u)
+                u->hub->uplink = NULL;
         for (size_t i = 0; i < u->n_eps; i++)
                 ep_free(u->eps[i]);
         free(u->eps);

@@ -564,6 +564,25 @@ void hub_session_touch(struct hub_session *s) {
         write_state(s->hs, s, -1);
 }
 
+void hub_sessions_touch_device(struct hub_sessions *hs, const char *device_id) {
+        struct state_write *w;
+
+        if (!hs || !device_id || strlen(device_id) > HUB_DEVICE_ID_MAX)
+                return;
+        w = calloc(1, sizeof *w);
+        if (!w)
+                return;
+        w->hs = hs;
+        snprintf(w->device_id, sizeof w->device_id, "%s", device_id);
+        w->state = -1;
+        w->when = hub_clock_now(hs->clock);
+        if (hub_store_submit(hs->store, state_write_fn, state_write_done, w) < 0) {
+                free(w);
+                return;
+        }
+        hs->n_pending++;
+}
+
 const char *hub_session_device_id(const struct hub_session *s) {
         return s ? s->device_id : NULL;
 }

@@ -29,7 +29,9 @@
 #include <strings.h>
 #include <sys/eventfd.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/file.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "hub/clock.h"
@@ -68,6 +70,12 @@ struct hub_store {
         const struct hub_clock *clock;
         const struct hub_log *log;
         uint64_t stall_timeout;
+        uint64_t max_size;      /* the disk budget (0 = none) */
+        uint64_t wal_truncate;  /* WAL size above which an idle store truncates it */
+        char *wal_path;
+        char *reserve_path;     /* see disk_full() */
+        bool frozen;            /* commit thread: reserve released, database frozen at its size */
+        uint64_t page_size, max_pages, autocheckpoint; /* the limits to restore after a thaw */
         bool unclean;
         bool opened; /* fully opened: close records a clean shutdown */
 
@@ -87,6 +95,7 @@ struct hub_store {
         struct store_write *done, *done_tail;
         bool stopping;
         bool thread_exited;
+        bool dirty; /* committed since the last idle WAL truncation */
         uint64_t commit_started; /* monotonic usec, 0 = no commit running */
         struct hub_store_stats stats;
 };
@@ -184,6 +193,18 @@ static uint64_t mono_now(const struct hub_store *s) {
 
 static int exec(sqlite3 *db, const char *sql) {
         return sqlite3_exec(db, sql, NULL, NULL, NULL);
+}
+
+static int pragma_int(sqlite3 *db, const char *sql, int64_t *ret) {
+        sqlite3_stmt *st = NULL;
+        int rc = sqlite3_prepare_v2(db, sql, -1, &st, NULL);
+        if (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+                *ret = sqlite3_column_int64(st, 0);
+                rc = SQLITE_OK;
+        } else if (rc == SQLITE_DONE)
+                rc = SQLITE_ERROR;
+        sqlite3_finalize(st);
+        return rc;
 }
 
 /* Runs one write under its own SAVEPOINT. Sets *ret_lost when SQLite rolled back the whole
@@ -286,6 +307,102 @@ static void run_batch(struct hub_store *s, struct store_write *batch) {
         }
 }
 
+/* With synchronous=FULL and wal_autocheckpoint the WAL is reset to its start after each
+ * checkpoint, but its file keeps the size of its largest transaction group (up to
+ * journal_size_limit). When the store has been idle for a second and the WAL file is larger
+ * than wal_truncate, a TRUNCATE checkpoint brings it back to zero bytes, so that a burst does
+ * not keep its disk space. It never waits for readers (busy timeout 0 for the call): when the
+ * loop's read connection is in a read transaction it is simply tried again after the next
+ * commit. Commit thread only. Returns whether the WAL was truncated. */
+static bool idle_checkpoint(struct hub_store *s) {
+        struct stat st;
+        int rc;
+
+        if (!s->wal_path || stat(s->wal_path, &st) < 0 || (uint64_t) st.st_size <= s->wal_truncate)
+                return false;
+        (void) sqlite3_busy_timeout(s->wdb, 0);
+        rc = exec(s->wdb, "PRAGMA wal_checkpoint(TRUNCATE)");
+        (void) sqlite3_busy_timeout(s->wdb, STORE_BUSY_TIMEOUT_MS);
+        if (rc != SQLITE_OK) {
+                hub_log_debug(s->log, "store: idle checkpoint: %s", sqlite3_errmsg(s->wdb));
+                pthread_mutex_lock(&s->lock);
+                s->dirty = true; /* try again after the next idle second */
+                pthread_mutex_unlock(&s->lock);
+                return false;
+        }
+        return true;
+}
+
+/* ---- a full disk -----------------------------------------------------------------------
+ *
+ * On a full file system every write fails, also the ones that would free space: moving an
+ * endpoint's cursor, deleting delivered messages and checkpointing all need room in the WAL
+ * (and a checkpoint may need the database file to grow into pages the WAL allocated). So the
+ * store keeps a reserve: a preallocated file of STORE_RESERVE_BYTES beside the database. When
+ * a write fails with ENOSPC while the file system really is full, the commit thread
+ * releases the reserve and freezes the database at its current size (max_page_count = its
+ * page count, a small wal_autocheckpoint): from then on only pages freed by the outbox
+ * collection are reused and the WAL stays within the released room, so cursors move, rows are
+ * deleted and messages are accepted again as space is freed inside the file. When the file
+ * system has room again (an operator freed space: at least four reserves), the reserve is
+ * recreated and the limits restored. */
+
+#define STORE_RESERVE_BYTES (1024 * 1024)
+
+static uint64_t fs_free(const struct hub_store *s) {
+        struct statvfs v;
+        if (statvfs(s->dir, &v) < 0)
+                return UINT64_MAX;
+        return (uint64_t) v.f_bavail * v.f_frsize;
+}
+
+static void reserve_create(struct hub_store *s) {
+        int fd = open(s->reserve_path, O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+        if (fd < 0)
+                return;
+        int r = posix_fallocate(fd, 0, STORE_RESERVE_BYTES);
+        if (r == 0)
+                r = fsync(fd) < 0 ? errno : 0;
+        close(fd);
+        if (r != 0) {
+                (void) unlink(s->reserve_path);
+                hub_log_debug(s->log, "store: cannot reserve %u bytes in %s: %s", STORE_RESERVE_BYTES, s->dir,
+                              strerror(r));
+        }
+}
+
+static void set_limits(struct hub_store *s, uint64_t max_pages, uint64_t autocheckpoint) {
+        char sql[96];
+        snprintf(sql, sizeof sql, "PRAGMA max_page_count = %llu", (unsigned long long) max_pages);
+        (void) exec(s->wdb, sql);
+        snprintf(sql, sizeof sql, "PRAGMA wal_autocheckpoint = %llu", (unsigned long long) autocheckpoint);
+        (void) exec(s->wdb, sql);
+}
+
+static void disk_full(struct hub_store *s) {
+        int64_t pages = 0;
+        if (s->frozen || access(s->reserve_path, F_OK) < 0 || fs_free(s) >= STORE_RESERVE_BYTES)
+                return; /* the budget, not the disk (or nothing left to release) */
+        if (pragma_int(s->wdb, "PRAGMA page_count", &pages) != SQLITE_OK)
+                return;
+        (void) unlink(s->reserve_path);
+        s->frozen = true;
+        set_limits(s, (uint64_t) pages, MAX(STORE_RESERVE_BYTES / 4 / s->page_size, 16u));
+        hub_log_debug(s->log, "store: the file system holding %s is full: released the reserve, database frozen at %lld pages",
+                      s->path, (long long) pages);
+}
+
+static void disk_thaw(struct hub_store *s) {
+        if (!s->frozen || fs_free(s) < 4 * STORE_RESERVE_BYTES)
+                return;
+        reserve_create(s);
+        if (access(s->reserve_path, F_OK) < 0)
+                return;
+        s->frozen = false;
+        set_limits(s, s->max_pages, s->autocheckpoint);
+        hub_log_debug(s->log, "store: the file system holding %s has room again: reserve restored", s->path);
+}
+
 static void *commit_thread(void *userdata) {
         struct hub_store *s = userdata;
 
@@ -295,8 +412,26 @@ static void *commit_thread(void *userdata) {
                 uint64_t n = 0;
                 bool notify = false;
 
-                while (!s->queue && !s->stopping)
-                        pthread_cond_wait(&s->cond, &s->lock);
+                while (!s->queue && !s->stopping) {
+                        if (!s->dirty) {
+                                pthread_cond_wait(&s->cond, &s->lock);
+                                continue;
+                        }
+                        /* Idle for a second after commits: keep the WAL small (see idle_checkpoint). */
+                        struct timespec ts;
+                        clock_gettime(CLOCK_REALTIME, &ts);
+                        ts.tv_sec += 1;
+                        if (pthread_cond_timedwait(&s->cond, &s->lock, &ts) == ETIMEDOUT && !s->queue &&
+                            !s->stopping) {
+                                s->dirty = false;
+                                pthread_mutex_unlock(&s->lock);
+                                bool truncated = idle_checkpoint(s);
+                                disk_thaw(s);
+                                pthread_mutex_lock(&s->lock);
+                                if (truncated)
+                                        s->stats.checkpoints++;
+                        }
+                }
                 if (!s->queue)
                         break; /* stopping, and everything is drained */
 
@@ -307,13 +442,21 @@ static void *commit_thread(void *userdata) {
                 pthread_mutex_unlock(&s->lock);
 
                 run_batch(s, batch);
+                for (w = batch; w; w = w->next)
+                        if (w->result == -ENOSPC) {
+                                disk_full(s);
+                                break;
+                        }
 
                 pthread_mutex_lock(&s->lock);
                 s->commit_started = 0;
+                s->dirty = true;
                 for (w = batch; w; w = next) {
                         next = w->next;
                         w->next = NULL;
                         n++;
+                        if (w->result == -ENOSPC)
+                                s->stats.full_failures++;
                         if (w->waiter) {
                                 w->waiter->result = w->result;
                                 w->waiter->done = true;
@@ -459,6 +602,8 @@ void hub_store_get_stats(struct hub_store *s, struct hub_store_stats *ret) {
         *ret = s->stats;
         pthread_mutex_unlock(&s->lock);
         ret->db_bytes = stat(s->path, &st) == 0 ? (uint64_t) st.st_size : 0;
+        ret->wal_bytes = s->wal_path && stat(s->wal_path, &st) == 0 ? (uint64_t) st.st_size : 0;
+        ret->max_size = s->max_size;
 }
 
 /* ---- open ----------------------------------------------------------------------------- */
@@ -732,8 +877,68 @@ static void store_free(struct hub_store *s) {
                 pthread_mutex_destroy(&s->lock);
         }
         free(s->dir);
+        free(s->wal_path);
+        free(s->reserve_path);
         free(s->path);
         free(s);
+}
+
+/* The WAL policy and the disk budget (hub_store_options.max_size). Neither setting is
+ * persistent in SQLite: they are applied at every open, after the writes of the open itself
+ * (so that a store at its budget still opens). */
+static int apply_budget(const struct hub_store_options *opts, struct hub_store *s) {
+        int64_t page_size = 4096, pages = 0, v;
+        uint64_t wal_share = 64ull * 1024 * 1024;
+        char sql[128];
+        int rc;
+
+        if (opts->max_size && opts->max_size < HUB_STORE_MAX_SIZE_MIN) {
+                set_err(opts, "the store budget of %llu bytes is below the minimum of %u bytes",
+                        (unsigned long long) opts->max_size, HUB_STORE_MAX_SIZE_MIN);
+                return -EINVAL;
+        }
+        if (asprintf(&s->wal_path, "%s-wal", s->path) < 0) {
+                s->wal_path = NULL;
+                return -ENOMEM;
+        }
+        if (asprintf(&s->reserve_path, "%s/fieldhub.reserve", s->dir) < 0) {
+                s->reserve_path = NULL;
+                return -ENOMEM;
+        }
+        reserve_create(s);
+        if ((rc = pragma_int(s->wdb, "PRAGMA page_size", &page_size)) != SQLITE_OK ||
+            (rc = pragma_int(s->wdb, "PRAGMA page_count", &pages)) != SQLITE_OK)
+                return open_fail(opts, s->path, s->wdb, rc, "reading the page size");
+        s->max_size = opts->max_size;
+        s->page_size = (uint64_t) page_size;
+        s->max_pages = 4294967294u; /* SQLite's default */
+        if (s->max_size)
+                wal_share = MIN(wal_share, s->max_size / 4);
+        /* Checkpoint at half the WAL's share; after a checkpoint, the file is cut back to the
+         * share. */
+        s->wal_truncate = MIN(wal_share / 2, 4ull * 1024 * 1024);
+        s->autocheckpoint = MAX(wal_share / 2 / (uint64_t) page_size, 16u);
+        snprintf(sql, sizeof sql, "PRAGMA wal_autocheckpoint = %llu", (unsigned long long) s->autocheckpoint);
+        if ((rc = exec(s->wdb, sql)) != SQLITE_OK)
+                return open_fail(opts, s->path, s->wdb, rc, "setting wal_autocheckpoint");
+        snprintf(sql, sizeof sql, "PRAGMA journal_size_limit = %llu", (unsigned long long) wal_share);
+        if ((rc = exec(s->wdb, sql)) != SQLITE_OK)
+                return open_fail(opts, s->path, s->wdb, rc, "setting journal_size_limit");
+        if (!s->max_size)
+                return 0;
+        uint64_t max_pages = s->max_pages = (s->max_size - wal_share) / (uint64_t) page_size;
+        snprintf(sql, sizeof sql, "PRAGMA max_page_count = %llu", (unsigned long long) max_pages);
+        if ((rc = pragma_int(s->wdb, sql, &v)) != SQLITE_OK)
+                return open_fail(opts, s->path, s->wdb, rc, "setting max_page_count");
+        if ((uint64_t) v > max_pages)
+                hub_log_debug(s->log,
+                              "store: %s holds %lld pages of %lld bytes, more than the budget allows (%llu): it "
+                              "keeps its size and reuses its free pages",
+                              s->path, (long long) pages, (long long) page_size, (unsigned long long) max_pages);
+        hub_log_debug(s->log, "store: budget %llu bytes: at most %lld pages of %lld bytes, WAL checkpoint at %llu bytes",
+                      (unsigned long long) s->max_size, (long long) v, (long long) page_size,
+                      (unsigned long long) (wal_share / 2));
+        return 0;
 }
 
 int hub_store_open(const struct hub_store_options *opts, struct hub_store **ret_store) {
@@ -834,6 +1039,9 @@ int hub_store_open(const struct hub_store_options *opts, struct hub_store **ret_
         }
 
         r = write_meta_open(opts, s, version == 0);
+        if (r < 0)
+                goto fail;
+        r = apply_budget(opts, s);
         if (r < 0)
                 goto fail;
 

@@ -9,14 +9,16 @@
  *              [--pace] [--units 1,2,3] [--dead UNIT] [--garbage UNIT] [--wrong-unit UNIT]
  *              [--exception-addr ADDR] [--delay-ms N] [--demo] [--log FILE] [--ready FILE]
  *
- * --pace      write each response byte at the line's character time (a pseudo-terminal
- *             ignores baud rates) and measure the silence the master leaves before each
- *             request (logged as gap_us).
+ * --pace      emulate the line's timing (a pseudo-terminal ignores baud rates): a request
+ *             counts as arrived one character time per byte after its first byte, each
+ *             response byte is written at the character time; the silence the master
+ *             leaves before each request is measured (logged as gap_us).
  * --dead U    never answer unit U. --garbage U: answer unit U with a corrupt CRC (RTU) or a
  *             truncated frame (TCP). --wrong-unit U: answer unit U as unit U+1.
  * --exception-addr A: reads and writes of holding registers covering A answer exception 2.
  * --demo      registers change every second (temperature, pressure, counter, a coil).
- * --log FILE  one line per request: "REQ t_us unit fc addr count gap_us".
+ * --log FILE  one line per request: "REQ t_us unit fc addr count gap_us" (gap_us 0: not
+ *             measured: the first request, or one after a response we could not pace).
  * --ready FILE written once listening (for tests), holding the TCP port.
  *
  * The test register map (every unit, unless --demo) is test_map() below, documented in
@@ -57,6 +59,7 @@ static unsigned baud = 19200, stop_bits = 1;
 static char parity = 'E';
 static volatile sig_atomic_t quit;
 static uint64_t last_tx_end;
+static bool frame_broken;
 
 static uint64_t now_us(void) {
         struct timespec ts;
@@ -64,9 +67,16 @@ static uint64_t now_us(void) {
         return (uint64_t) ts.tv_sec * 1000000u + (uint64_t) ts.tv_nsec / 1000u;
 }
 
+/* Precise enough for pacing bytes: sleep, then spin the last 100 us. */
 static void sleep_us(uint64_t us) {
-        struct timespec ts = { .tv_sec = (time_t) (us / 1000000), .tv_nsec = (long) (us % 1000000) * 1000 };
-        while (nanosleep(&ts, &ts) < 0 && errno == EINTR && !quit)
+        uint64_t t = now_us() + us;
+        if (us > 100) {
+                uint64_t w = t - 100;
+                struct timespec ts = { .tv_sec = (time_t) (w / 1000000), .tv_nsec = (long) (w % 1000000) * 1000 };
+                while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR && !quit)
+                        ;
+        }
+        while (now_us() < t && !quit)
                 ;
 }
 
@@ -425,7 +435,9 @@ static int serve_rtu(const char *path, const char *ready) {
                                 continue;
                         }
                         uint8_t unit = buf[0];
-                        uint64_t gap = last_tx_end ? first_byte - last_tx_end : 0;
+                        /* gap 0: not measured (first request, or our previous frame broke). */
+                        uint64_t gap = last_tx_end && !frame_broken ? first_byte - last_tx_end : 0;
+                        frame_broken = false;
                         log_req(unit, buf + 1, gap);
                         uint8_t rsp[300];
                         size_t rl = 0;
@@ -435,10 +447,17 @@ static int serve_rtu(const char *path, const char *ready) {
                         have -= len;
                         if (!rl)
                                 continue;
+                        if (pace) {
+                                /* On a real line the request took len characters to arrive (a
+                                 * pseudo-terminal delivers it at once): wait for its end. */
+                                uint64_t end = first_byte + len * char_us(), now = now_us();
+                                if (end > now)
+                                        sleep_us(end - now);
+                        }
                         if (delay_ms)
                                 sleep_us((uint64_t) delay_ms * 1000);
-                        else
-                                sleep_us(char_us() * 4); /* our own 3.5-character silence */
+                        else /* our own inter-frame silence: 3.5 characters, 1750 us above 19200 baud */
+                                sleep_us(baud > 19200 ? 1750 : (char_us() * 7 + 1) / 2);
                         rsp[0] = unit == wrong_unit ? (uint8_t) (unit + 1) : unit;
                         uint16_t crc = crc16(rsp, 1 + rl);
                         rsp[1 + rl] = (uint8_t) crc;
@@ -458,6 +477,11 @@ static int serve_rtu(const char *path, const char *ready) {
                                         if (due > now)
                                                 sleep_us(due - now);
                                         t_last = now_us();
+                                        /* Descheduled past the master's byte timeout (a loaded
+                                         * machine): our frame broke, so the master rightly took
+                                         * it as ended; the next gap says nothing about it. */
+                                        if (t_last > due + 20000)
+                                                frame_broken = true;
                                         (void) !write(fd, rsp + i, 1);
                                 }
                         } else {

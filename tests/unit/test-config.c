@@ -125,7 +125,7 @@ static void test_syntax(void) {
         EXPECT("hub:\n  host_name: a.b\n  host_name: c.d\n",
                "t.yaml:3:3: hub.host_name: duplicate key \"host_name\" (first defined at line 2, column 3), expected each key once");
         EXPECT(BASE "? [a, b]\n: 1\n", "t.yaml:3:3: ?: found a sequence as a key, expected a key name");
-        EXPECT("- hub\n", "t.yaml:1:1: found a sequence, expected a mapping with the keys: hub, state_dir, log, store, admin, adapters, service_api, metrics, c2d, feedback, mqtt, endpoints, routes, fallback_route, enrichments, logs_dir");
+        EXPECT("- hub\n", "t.yaml:1:1: found a sequence, expected a mapping with the keys: hub, state_dir, log, store, admin, adapters, service_api, metrics, c2d, feedback, mqtt, endpoints, routes, fallback_route, enrichments, logs_dir, http_device, file_upload");
         EXPECT("", "t.yaml:1:1: missing required key \"hub\"");
         EXPECT("# only a comment\n", "t.yaml:1:1: missing required key \"hub\"");
 
@@ -141,9 +141,9 @@ static void test_schema_errors(void) {
                "t.yaml:2:3: hub.hots_name: unknown key \"hots_name\" (did you mean \"host_name\"?); expected one of: host_name, host_aliases, policies, x509_ca_files",
                "t.yaml:2:3: hub: missing required key \"host_name\"");
         EXPECT(BASE "stor:\n  check_on_start: true\n",
-               "t.yaml:3:1: stor: unknown key \"stor\" (did you mean \"store\"?); expected one of: hub, state_dir, log, store, admin, adapters, service_api, metrics, c2d, feedback, mqtt, endpoints, routes, fallback_route, enrichments, logs_dir");
+               "t.yaml:3:1: stor: unknown key \"stor\" (did you mean \"store\"?); expected one of: hub, state_dir, log, store, admin, adapters, service_api, metrics, c2d, feedback, mqtt, endpoints, routes, fallback_route, enrichments, logs_dir, http_device, file_upload");
         EXPECT(BASE "bogus: []\n",
-               "t.yaml:3:1: bogus: unknown key \"bogus\"; expected one of: hub, state_dir, log, store, admin, adapters, service_api, metrics, c2d, feedback, mqtt, endpoints, routes, fallback_route, enrichments, logs_dir");
+               "t.yaml:3:1: bogus: unknown key \"bogus\"; expected one of: hub, state_dir, log, store, admin, adapters, service_api, metrics, c2d, feedback, mqtt, endpoints, routes, fallback_route, enrichments, logs_dir, http_device, file_upload");
         EXPECT("hub:\n  host_name:\n    a: b\n", "t.yaml:3:5: hub.host_name: found a mapping, expected a string");
         EXPECT("hub:\n  host_name: [a.b]\n", "t.yaml:2:14: hub.host_name: found a sequence, expected a string");
         EXPECT("hub:\n  host_name:\n", "t.yaml:2:13: hub.host_name: found null, expected a value");
@@ -204,11 +204,11 @@ static void test_schema_errors(void) {
                "t.yaml:6:23: hub.policies[0].key_credential: found both key_file and key_credential, expected only one of them");
         EXPECT(BASE "  policies:\n    - service\n",
                "t.yaml:4:7: hub.policies[0]: found \"service\", expected a mapping with the keys: name, key_file or key_credential, and optionally secondary_key_file or secondary_key_credential");
-        EXPECT(BASE "adapters:\n  - type: modbus\n    name: plc1\n",
-               "t.yaml:4:11: adapters[0].type: found \"modbus\", expected one of: (none in this build)");
-        EXPECT(BASE "adapters:\n  - type: modbus\n    name: plc1\n  - type: coap\n    name: plc1\n  - name: bad name\n",
-               "t.yaml:4:11: adapters[0].type: found \"modbus\", expected one of: (none in this build)",
-               "t.yaml:6:11: adapters[1].type: found \"coap\", expected one of: (none in this build)",
+        EXPECT(BASE "adapters:\n  - type: profibus\n    name: plc1\n",
+               "t.yaml:4:11: adapters[0].type: found \"profibus\", expected one of: modbus, serial");
+        EXPECT(BASE "adapters:\n  - type: profibus\n    name: plc1\n  - type: canopen\n    name: plc1\n  - name: bad name\n",
+               "t.yaml:4:11: adapters[0].type: found \"profibus\", expected one of: modbus, serial",
+               "t.yaml:6:11: adapters[1].type: found \"canopen\", expected one of: modbus, serial",
                "t.yaml:7:11: adapters[1].name: duplicate adapter name \"plc1\" (already given at adapters[0]), expected each name once",
                "t.yaml:8:5: adapters[2]: missing required key \"type\"",
                "t.yaml:8:11: adapters[2].name: found \"bad name\", expected an adapter name of 1 to 64 letters, digits, '_', '-' or '.'");
@@ -517,6 +517,33 @@ static void test_service_api(void) {
         EXPECT_OK(BASE "metrics:\n  listen: 0.0.0.0:9100\n  allow_non_loopback: true\n");
         EXPECT(BASE "c2d:\n  default_ttl: 2h\n  max_ttl: 1h\n",
                "t.yaml:5:12: c2d.max_ttl: found a max_ttl shorter than default_ttl (7200 s), expected at least default_ttl");
+
+        /* The HTTP device API and file upload (api/api-device.c). */
+        gw_config_free(TAKE_PTR(c));
+        ASSERT_OK(gw_config_load(p2, NULL, &c, &e));
+        ASSERT_TRUE(c->api_client_cert_optional);
+        ASSERT_TRUE(c->http_device_enabled);
+        ASSERT_EQ(c->http_device_max_messages_per_second, GW_CONFIG_HTTP_DEVICE_MAX_MESSAGES_PER_SECOND_DEFAULT);
+        ASSERT_EQ(c->file_upload_quota_bytes, GW_CONFIG_FILE_UPLOAD_QUOTA_DEFAULT);
+        ASSERT_EQ(c->file_upload_max_concurrent, GW_CONFIG_FILE_UPLOAD_MAX_CONCURRENT_DEFAULT);
+        gw_config_free(TAKE_PTR(c));
+        _cleanup_free_ char *p3 = write_file("api3.yaml",
+                BASE "service_api:\n  tls:\n    client_cert: none\nhttp_device:\n  enabled: false\n  limits:\n"
+                     "    max_messages_per_second: 0\n    max_shaping_delay: 250ms\n"
+                     "file_upload:\n  quota: 2GiB\n  max_file: 1MiB\n  sas_ttl: 5min\n  max_concurrent: 3\n", 0644);
+        ASSERT_OK(gw_config_load(p3, NULL, &c, &e));
+        ASSERT_FALSE(c->api_client_cert_optional);
+        ASSERT_FALSE(c->http_device_enabled);
+        ASSERT_EQ(c->http_device_max_messages_per_second, 0);
+        ASSERT_EQ(c->http_device_max_shaping_delay_usec, 250000);
+        ASSERT_EQ(c->file_upload_quota_bytes, UINT64_C(2) << 30);
+        ASSERT_EQ(c->file_upload_max_file_bytes, 1 << 20);
+        ASSERT_EQ(c->file_upload_sas_ttl_usec, UINT64_C(300) * 1000000);
+        ASSERT_EQ(c->file_upload_max_concurrent, 3);
+        EXPECT(BASE "file_upload:\n  max_concurrent: 0\n",
+               "t.yaml:4:19: file_upload.max_concurrent: found 0, expected an integer from 1 to 100");
+        EXPECT(BASE "service_api:\n  tls:\n    client_cert: required\n",
+               "t.yaml:5:18: service_api.tls.client_cert: found \"required\", expected one of: none, optional");
 }
 
 static void test_full(void) {

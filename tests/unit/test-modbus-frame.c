@@ -187,6 +187,16 @@ static void test_json_and_scale(void) {
         v = (struct adp_modbus_value){ .kind = ADP_MODBUS_V_DOUBLE, .d = (float) -1234.5f };
         adp_modbus_value_json(&v, buf, sizeof buf);
         ASSERT_STREQ(buf, "-1234.5");
+        float f = 1.013f;
+        v = (struct adp_modbus_value){ .kind = ADP_MODBUS_V_DOUBLE, .d = f, .f32 = true };
+        adp_modbus_value_json(&v, buf, sizeof buf);
+        ASSERT_STREQ(buf, "1.013");
+        v.f32 = false; /* the same double as a float64: every digit it has */
+        adp_modbus_value_json(&v, buf, sizeof buf);
+        ASSERT_STREQ(buf, "1.0130000114440918");
+        v.d = 0.1;
+        adp_modbus_value_json(&v, buf, sizeof buf);
+        ASSERT_STREQ(buf, "0.1");
         v.d = NAN;
         adp_modbus_value_json(&v, buf, sizeof buf);
         ASSERT_STREQ(buf, "null");

@@ -34,13 +34,14 @@
  *              changed devices are restarted, removed ones are device_remove()d, new ones
  *              device_add()ed. Validation errors go to e exactly as in init, and then nothing
  *              changes (-EINVAL). Called only between start and stop.
- *   stop       stops every thread (joined), timer and fd watch, answers every command still
- *              pending with -ESHUTDOWN, and device_remove()s its devices. Must not block for
- *              longer than one transaction timeout per worker.
+ *   stop       stops every thread (joined), timer and fd watch, and answers every command
+ *              still pending (503). Must not block for longer than one transaction timeout per
+ *              worker. What the threads post()ed before they were joined still runs after stop
+ *              returns (its telemetry is stored); then the host removes the adapter's devices.
  *   fini       frees what init built. Also called after a failed init or start.
  *
- * Threads: host ops are called on the loop thread only, except post(), which may be called
- * from any thread. An adapter whose library blocks (libmodbus) runs it on its own threads and
+ * Threads: host ops are called on the loop thread only, except post() and backlog(), which
+ * may be called from any thread, and log(), which is thread-safe. An adapter whose library blocks (libmodbus) runs it on its own threads and
  * hands results over through post().
  *
  * Devices: every adapter device is a hub device identity (created by the host on first
@@ -152,6 +153,10 @@ struct adp_host {
          * and encoding). The host stamps the device identity and appends it to the outbox.
          * -ENOENT unknown device, -E2BIG, -ENOBUFS when the outbox refuses. */
         int (*emit)(void *host, const char *device_id, struct hub_msg *m);
+        /* Thread-safe: telemetry messages this adapter gave to emit() that are not durable
+         * yet. An adapter that samples (polls) holds its polling while this is high, so that
+         * it never produces faster than the gateway stores. */
+        unsigned long (*backlog)(void *host);
         /* A reported-properties patch (a JSON object as text). The host may coalesce
          * successive patches of one device. -ENOENT, -EINVAL not a JSON object. */
         int (*report)(void *host, const char *device_id, const char *json_patch);

@@ -137,6 +137,12 @@ HUB_EXPORT void hub_session_ready(struct hub_session *s);
  * most once per HUB_SESSION_ACTIVITY_INTERVAL_USEC per session. */
 HUB_EXPORT void hub_session_touch(struct hub_session *s);
 
+/* Records activity of a device that has no session (HTTP device requests: IoT Hub does not
+ * count HTTP devices as connected): writes the registry's lastActivityTime asynchronously,
+ * without a connection-state change. The caller limits how often (e.g. once per
+ * HUB_SESSION_ACTIVITY_INTERVAL_USEC per device). Unknown devices are ignored. */
+HUB_EXPORT void hub_sessions_touch_device(struct hub_sessions *hs, const char *device_id);
+
 HUB_EXPORT const char *hub_session_device_id(const struct hub_session *s);
 HUB_EXPORT const char *hub_session_module_id(const struct hub_session *s); /* NULL for a device */
 HUB_EXPORT const char *hub_session_auth_generation_id(const struct hub_session *s);

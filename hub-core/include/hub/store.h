@@ -49,7 +49,17 @@ struct hub_store_options {
         /* Where hub_store_open() writes a human-readable reason on failure. Optional. */
         char *errbuf;
         size_t errbuf_size;
+        /* Disk budget for the database and its WAL in bytes (0 = none; else at least
+         * HUB_STORE_MAX_SIZE_MIN). A quarter of it (at most 64 MiB) is kept for the WAL, the
+         * rest bounds the database file (`PRAGMA max_page_count`, applied at every open). A
+         * write that needs a page beyond it fails with -ENOSPC, like a full disk; pages freed
+         * by deletes are reused. The WAL is checkpointed when it reaches half its share and
+         * truncated when the store is idle. A database already larger than the budget keeps
+         * its size (never shrinks) and only reuses its free pages. */
+        uint64_t max_size;
 };
+
+#define HUB_STORE_MAX_SIZE_MIN (1024 * 1024)
 
 /* Opens (creating or migrating) the store. Blocks (integrity check, migrations).
  * Errors: -EPROTONOSUPPORT the file was written by a newer fieldhub (schema version above
@@ -105,6 +115,10 @@ struct hub_store_stats {
         uint64_t total_commit_usec; /* sum of commit durations */
         uint64_t pending;           /* submitted, not yet committed */
         uint64_t db_bytes;          /* size of the database file (without WAL) */
+        uint64_t wal_bytes;         /* size of the WAL file */
+        uint64_t full_failures;     /* writes that failed with -ENOSPC (budget or disk full) */
+        uint64_t max_size;          /* the budget (0 = none) */
+        uint64_t checkpoints;       /* idle WAL truncations */
 };
 HUB_EXPORT void hub_store_get_stats(struct hub_store *s, struct hub_store_stats *ret);
 

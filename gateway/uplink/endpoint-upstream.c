@@ -1,0 +1,1123 @@
+/* SPDX-License-Identifier: MIT */
+/* The upstream endpoint: a cloud IoT hub (IoT Hub itself, or anything that speaks its MQTT
+ * device protocol, reference §2) to which every configured local device connects as itself,
+ * over TLS, with its upstream key (transparent gateway, reference §9).
+ *
+ * One paho MQTTAsync client per device (client id = device id, user name
+ * `{host}/{id}/?api-version=2021-04-12&DeviceClientType=fieldhub%2F0.1`, password a SAS token
+ * for `{host}/devices/{id}` valid for token_ttl and renewed at 80% of it by reconnecting),
+ * MQTTCLIENT_PERSISTENCE_NONE (the outbox is the persistence), clean session. The devices'
+ * connections open when the endpoint starts and stay open: a device must be reachable from
+ * the cloud (C2D into its local queue, methods, desired properties) also while it is offline
+ * here. Each connection retries on its own with exponential backoff and ±25% jitter.
+ *
+ * Up (the framework hands messages in order; each device has its own queue):
+ *   - device messages (iothub-message-source Telemetry): QoS 1 publish to
+ *     devices/{id}/messages/events/{bag}; confirmed on paho's success callback (PUBACK);
+ *   - twin-change events (route `source: TwinChangeEvents` to this endpoint): their
+ *     properties.reported part (without `$` keys) is sent, in order, as
+ *     $iothub/twin/PATCH/properties/reported/?$rid=r{n}; confirmed by the 2xx twin response.
+ *     Events with no reported change (desired, tags) are skipped;
+ *   - anything else (module messages, other sources, devices without an upstream identity)
+ *     can never be sent upstream as its device: counted as poison and skipped.
+ *   A device whose connection drops keeps its queue; what was sent and not confirmed is sent
+ *   again once it is back (at-least-once, in order per device).
+ *
+ * Down:
+ *   - C2D (devices/{id}/messages/devicebound/#, QoS 1): the message goes into the device's
+ *     durable local queue (hub_queue_send) and reaches the device when it next connects.
+ *     Known window: paho.mqtt.c sends the PUBACK of a QoS 1 publish *before* it calls the
+ *     arrival callback (MQTTProtocol_handlePublishes), and calls it with its global mutex
+ *     held (so the callback must not wait for the loop, which calls paho too). The cloud
+ *     therefore counts the message delivered once it is in this process's memory; a crash
+ *     in the few milliseconds before the local group commit loses it, and a local refusal
+ *     (queue full, store error) is logged as a loss. Closing the window needs an MQTT client
+ *     with manual acknowledgement (one on gateway/net) instead of paho;
+ *   - direct methods ($iothub/methods/POST/#): invoked on the local session; its answer is
+ *     published as $iothub/methods/res/{status}/?$rid=. A device that is not online here is
+ *     answered like the Edge hub does: status 404 with {"errorCode":404103,...DeviceNotOnline};
+ *     no answer in time: 504 with 504101 GatewayTimeout;
+ *   - desired properties belong to the cloud: after every (re)connect the twin is fetched
+ *     ($iothub/twin/GET) and the difference to the local desired properties applied locally
+ *     (keys missing upstream are deleted locally); live notifications newer than the fetched
+ *     version are applied as they come.
+ *
+ * Start-up also makes the local identity of every configured device use the same key (created
+ * when missing), so one connection string works both here and in the cloud. */
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <MQTTAsync.h>
+#include <jansson.h>
+#include <systemd/sd-event.h>
+
+#include "endpoint.h"
+#include "front/mqtt-topic.h"
+#include "hub.h"
+#include "hub/auth.h"
+#include "hub/clock.h"
+#include "hub/method.h"
+#include "hub/msg.h"
+#include "hub/queue.h"
+#include "hub/random.h"
+#include "hub/registry.h"
+#include "hub/twin.h"
+#include "hub/urlenc.h"
+#include "log.h"
+#include "paho-inbox.h"
+
+#define UP_API_VERSION "2021-04-12"
+#define UP_CLIENT_TYPE "fieldhub%2F0.1"
+#define UP_CTX_RING 16u
+
+enum ev_kind { EV_CONNECTED, EV_CONNECT_FAILED, EV_LOST, EV_SUBSCRIBED, EV_PUB_OK, EV_PUB_FAILED, EV_ARRIVED };
+enum dev_state { DEV_IDLE, DEV_CONNECTING, DEV_UP, DEV_BACKOFF };
+
+struct up_ep;
+struct up_dev;
+
+/* One connection attempt of a device: the paho callbacks' context, so that events of an
+ * older connection are recognised (a ring: a context is reused UP_CTX_RING connections
+ * later, long after paho forgot it). */
+struct conn_ctx {
+        struct up_dev *d;
+        unsigned gen;
+};
+
+struct up_ev {
+        struct gw_paho_item item;
+        enum ev_kind kind;
+        struct up_dev *d;
+        unsigned gen;
+        int token, code;
+        char *topic;
+        void *payload;
+        size_t len;
+};
+
+struct up_item {
+        uint64_t seq;
+        struct hub_msg *msg;   /* D2C */
+        char *patch;           /* reported patch (JSON text) */
+        bool sent, done;
+        int token;             /* paho token (D2C) */
+        unsigned rid;          /* twin request id (patch) */
+};
+
+struct up_dev {
+        struct up_ep *u;
+        char *id, *key, *password;
+        MQTTAsync client;
+        enum dev_state state;
+        unsigned gen;
+        struct conn_ctx ctx[UP_CTX_RING];
+        unsigned failures;
+        bool down_logged;
+        sd_event_source *timer;        /* backoff retry, or token renewal while up */
+        struct up_item *q;             /* in order; [0, next_send) handed to paho */
+        size_t q_head, q_n, q_cap, next_send;
+        unsigned rid;
+        unsigned get_rid;              /* rid of the twin GET under way (0: none) */
+        bool twin_synced;
+        int64_t cloud_desired_version;
+};
+
+struct up_ep {
+        struct gw_endpoint *ep;
+        struct gw_hub *hub;
+        char *host_name, *address, *username_tail, *ca_file;
+        int keep_alive_sec, timeout_sec;
+        unsigned window;
+        uint64_t token_ttl_usec, retry_initial_usec, retry_max_usec;
+        struct up_dev *devs;
+        size_t n_devs;
+        struct gw_paho_inbox *inbox;
+        struct method_ctx *calls;
+        bool active;
+};
+
+#define UP_LOG(d, lvl, err, ...) \
+        gw_log_full((lvl), (err), GW_FIELDS(.component = "uplink", .endpoint = gw_endpoint_name((d)->u->ep), \
+                                            .device = (d)->id), __VA_ARGS__)
+
+static uint64_t mono_now(void) {
+        return hub_clock_mono(hub_clock_system());
+}
+
+/* ---- paho's threads ------------------------------------------------------------------------ */
+
+static void free_ev(struct gw_paho_item *it) {
+        struct up_ev *e = (struct up_ev *) it;
+        free(e->topic);
+        free(e->payload);
+        free(e);
+}
+
+static struct up_ev *ev_new(enum ev_kind kind, struct up_dev *d, unsigned gen) {
+        struct up_ev *e = calloc(1, sizeof *e);
+        if (e)
+                *e = (struct up_ev) { .kind = kind, .d = d, .gen = gen };
+        return e;
+}
+
+static void post(struct up_dev *d, enum ev_kind kind, unsigned gen, int token, int code) {
+        struct up_ev *e = ev_new(kind, d, gen);
+        if (!e)
+                return; /* the connection is then repaired by keep-alive / resend */
+        e->token = token;
+        e->code = code;
+        gw_paho_inbox_post(d->u->inbox, &e->item);
+}
+
+static void on_connect_ok(void *context, MQTTAsync_successData *resp) {
+        struct conn_ctx *c = context;
+        post(c->d, EV_CONNECTED, c->gen, 0, 0);
+}
+
+static void on_connect_fail(void *context, MQTTAsync_failureData *resp) {
+        struct conn_ctx *c = context;
+        post(c->d, EV_CONNECT_FAILED, c->gen, 0, resp ? resp->code : -1);
+}
+
+static void on_lost(void *context, char *cause) {
+        struct up_dev *d = context;
+        post(d, EV_LOST, 0, 0, 0);
+}
+
+static void on_sub_ok(void *context, MQTTAsync_successData *resp) {
+        struct conn_ctx *c = context;
+        post(c->d, EV_SUBSCRIBED, c->gen, 0, 0);
+}
+
+static void on_sub_fail(void *context, MQTTAsync_failureData *resp) {
+        struct conn_ctx *c = context;
+        post(c->d, EV_LOST, c->gen, 0, resp ? resp->code : -1);
+}
+
+static void on_pub_ok(void *context, MQTTAsync_successData *resp) {
+        struct conn_ctx *c = context;
+        post(c->d, EV_PUB_OK, c->gen, resp ? resp->token : 0, 0);
+}
+
+static void on_pub_fail(void *context, MQTTAsync_failureData *resp) {
+        struct conn_ctx *c = context;
+        post(c->d, EV_PUB_FAILED, c->gen, resp ? resp->token : 0, resp ? resp->code : -1);
+}
+
+static bool is_c2d_topic(const char *topic) {
+        return strncmp(topic, "devices/", 8) == 0 && strstr(topic, "/messages/devicebound");
+}
+
+/* paho's thread, with paho's global mutex held: copy, hand to the loop, never wait. Returns 1
+ * (consumed) or 0 (out of memory: paho offers it again later). */
+static int on_arrived(void *context, char *topic, int topic_len, MQTTAsync_message *msg) {
+        struct up_dev *d = context;
+        size_t tl = topic_len > 0 ? (size_t) topic_len : strlen(topic);
+        struct up_ev *e = ev_new(EV_ARRIVED, d, 0);
+
+        if (!e)
+                return 0;
+        e->topic = strndup(topic, tl);
+        e->len = msg->payloadlen > 0 ? (size_t) msg->payloadlen : 0;
+        e->payload = malloc(e->len + 1);
+        if (!e->topic || !e->payload) {
+                free_ev(&e->item);
+                return 0;
+        }
+        if (e->len)
+                memcpy(e->payload, msg->payload, e->len);
+        ((char *) e->payload)[e->len] = 0;
+        gw_paho_inbox_post(d->u->inbox, &e->item);
+        MQTTAsync_freeMessage(&msg);
+        MQTTAsync_free(topic);
+        return 1;
+}
+
+/* ---- the device queue ---------------------------------------------------------------------- */
+
+static struct up_item *q_at(struct up_dev *d, size_t i) {
+        return &d->q[(d->q_head + i) % d->q_cap];
+}
+
+static void item_done(struct up_item *it) {
+        hub_msg_unref(it->msg);
+        free(it->patch);
+        *it = (struct up_item) { 0 };
+}
+
+static int q_push(struct up_dev *d, const struct up_item *it) {
+        if (d->q_n == d->q_cap) {
+                size_t cap = d->q_cap ? d->q_cap * 2 : 64;
+                struct up_item *n = malloc(cap * sizeof *n);
+                if (!n)
+                        return -ENOMEM;
+                for (size_t i = 0; i < d->q_n; i++)
+                        n[i] = *q_at(d, i);
+                free(d->q);
+                d->q = n;
+                d->q_cap = cap;
+                d->q_head = 0;
+        }
+        *q_at(d, d->q_n++) = *it;
+        return 0;
+}
+
+static void q_pop_done(struct up_dev *d) {
+        while (d->q_n > 0 && q_at(d, 0)->done) {
+                item_done(q_at(d, 0));
+                d->q_head = (d->q_head + 1) % d->q_cap;
+                d->q_n--;
+                if (d->next_send > 0)
+                        d->next_send--;
+        }
+}
+
+static void q_clear(struct up_dev *d) {
+        for (size_t i = 0; i < d->q_n; i++)
+                item_done(q_at(d, i));
+        d->q_head = d->q_n = d->next_send = 0;
+}
+
+/* Everything handed to paho and not confirmed is sent again on the next connection. */
+static void q_rewind(struct up_dev *d) {
+        for (size_t i = 0; i < d->q_n; i++)
+                q_at(d, i)->sent = false;
+        d->next_send = 0;
+}
+
+/* ---- connections --------------------------------------------------------------------------- */
+
+static void dev_connect(struct up_dev *d);
+
+static int on_timer(sd_event_source *s, uint64_t usec, void *ud) {
+        struct up_dev *d = ud;
+        if (d->state == DEV_BACKOFF)
+                dev_connect(d);
+        else if (d->state == DEV_UP) {
+                /* The token is about to expire: reconnect with a new one (IoT Hub closes the
+                 * connection at expiry). */
+                UP_LOG(d, LOG_INFO, 0, "Upstream: renewing the SAS token of %s (reconnecting)", d->id);
+                MQTTAsync_disconnectOptions o = MQTTAsync_disconnectOptions_initializer;
+                o.timeout = 0;
+                (void) MQTTAsync_disconnect(d->client, &o);
+                d->gen++;
+                q_rewind(d);
+                d->state = DEV_BACKOFF;
+                d->failures = 0;
+                (void) sd_event_source_set_time(s, mono_now() + 200 * USEC_PER_MSEC);
+                (void) sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+        }
+        return 0;
+}
+
+static void arm_timer(struct up_dev *d, uint64_t at) {
+        if (sd_event_source_set_time(d->timer, at) >= 0)
+                (void) sd_event_source_set_enabled(d->timer, SD_EVENT_ONESHOT);
+}
+
+static uint64_t backoff_delay(struct up_dev *d) {
+        uint64_t v = d->u->retry_initial_usec;
+        for (unsigned i = 1; i < d->failures && v < d->u->retry_max_usec; i++)
+                v *= 2;
+        if (v > d->u->retry_max_usec)
+                v = d->u->retry_max_usec;
+        uint32_t rnd = 0;
+        (void) hub_random_bytes(&rnd, sizeof rnd);
+        uint64_t span = v / 2;
+        return v - v / 4 + (span ? rnd % span : 0); /* ±25% jitter */
+}
+
+/* The connection failed or was lost: keep the queue, retry later. */
+static void dev_down(struct up_dev *d, const char *why) {
+        if (d->state == DEV_IDLE || d->state == DEV_BACKOFF)
+                return;
+        d->failures++;
+        if (!d->down_logged) {
+                d->down_logged = true;
+                UP_LOG(d, LOG_WARNING, 0,
+                       "Upstream: %s cannot reach %s (%s); its messages are kept and sent once it is back", d->id,
+                       d->u->address, why);
+        } else
+                UP_LOG(d, LOG_DEBUG, 0, "Upstream: %s: retry failed (%s)", d->id, why);
+        if (MQTTAsync_isConnected(d->client)) {
+                MQTTAsync_disconnectOptions o = MQTTAsync_disconnectOptions_initializer;
+                o.timeout = 0;
+                (void) MQTTAsync_disconnect(d->client, &o);
+        }
+        d->gen++;
+        d->state = DEV_BACKOFF;
+        d->get_rid = 0;
+        q_rewind(d);
+        arm_timer(d, mono_now() + backoff_delay(d));
+}
+
+static void dev_connect(struct up_dev *d) {
+        struct up_ep *u = d->u;
+        MQTTAsync_connectOptions o = MQTTAsync_connectOptions_initializer;
+        MQTTAsync_SSLOptions ssl = MQTTAsync_SSLOptions_initializer;
+        _cleanup_free_ char *resource = NULL, *user = NULL;
+        char *token = NULL;
+        uint64_t ttl_sec = u->token_ttl_usec / USEC_PER_SEC;
+        int r;
+
+        if (!u->active)
+                return;
+        d->gen++;
+        d->state = DEV_CONNECTING;
+        struct conn_ctx *c = &d->ctx[d->gen % UP_CTX_RING];
+        *c = (struct conn_ctx) { .d = d, .gen = d->gen };
+        if (asprintf(&resource, "%s/devices/%s", u->host_name, d->id) < 0 ||
+            asprintf(&user, "%s/%s/%s", u->host_name, d->id, u->username_tail) < 0) {
+                resource = user = NULL;
+                dev_down(d, "out of memory");
+                return;
+        }
+        r = hub_sas_generate(resource, d->key, (uint64_t) time(NULL) + ttl_sec, NULL, &token);
+        if (r < 0) {
+                dev_down(d, "cannot sign a SAS token with its key");
+                return;
+        }
+        if (d->password) {
+                hub_explicit_bzero(d->password, strlen(d->password));
+                free(d->password);
+        }
+        d->password = token;
+        (void) gw_log_add_secret(token);
+        o.keepAliveInterval = u->keep_alive_sec;
+        o.cleansession = 1;
+        o.connectTimeout = u->timeout_sec;
+        o.maxInflight = (int) u->window;
+        o.onSuccess = on_connect_ok;
+        o.onFailure = on_connect_fail;
+        o.context = c;
+        o.username = user;
+        o.password = d->password;
+        o.MQTTVersion = MQTTVERSION_3_1_1;
+        ssl.trustStore = u->ca_file;
+        ssl.enableServerCertAuth = 1;
+        ssl.verify = 1;
+        ssl.sslVersion = MQTT_SSL_VERSION_TLS_1_2;
+        o.ssl = &ssl;
+        r = MQTTAsync_connect(d->client, &o);
+        if (r != MQTTASYNC_SUCCESS) {
+                char why[96];
+                snprintf(why, sizeof why, "paho refused to connect (code %d)", r);
+                dev_down(d, why);
+        }
+}
+
+static void publish_raw(struct up_dev *d, const char *topic, const void *body, size_t len, int qos) {
+        MQTTAsync_responseOptions ro = MQTTAsync_responseOptions_initializer;
+        int r = MQTTAsync_send(d->client, topic, (int) len, body, qos, 0, &ro);
+        if (r != MQTTASYNC_SUCCESS)
+                UP_LOG(d, LOG_WARNING, 0, "Upstream: %s: cannot publish on %s (paho code %d)", d->id, topic, r);
+}
+
+/* Appends "name[=value]" percent-encoded (reference §2.5) to f, "&"-separated. */
+static void bag_item(FILE *f, bool *first, const char *name, const char *value) {
+        _cleanup_free_ char *n = NULL, *v = NULL;
+        if (hub_url_encode(name, &n) < 0 || (value && hub_url_encode(value, &v) < 0))
+                return; /* out of memory: the caller sees the stream's error */
+        fprintf(f, "%s%s%s%s", *first ? "" : "&", n, v ? "=" : "", v ? v : "");
+        *first = false;
+}
+
+/* devices/{id}/messages/events/{bag}: what the device itself would send — the system
+ * properties a device may set (not the ones this hub stamped: connection ids, enqueued
+ * time, source; the cloud stamps its own), then the application properties (enrichments
+ * included). */
+static int d2c_topic(const char *device_id, const struct hub_msg *m, char **ret) {
+        size_t size = 0;
+        char *buf = NULL;
+        bool first = true;
+        FILE *f = open_memstream(&buf, &size);
+        if (!f)
+                return -ENOMEM;
+        fprintf(f, "devices/%s/messages/events/", device_id);
+        for (int p = 0; p < _HUB_SYS_MAX; p++) {
+                const char *name = hub_sys_prop_mqtt_name((enum hub_sys_prop) p);
+                const char *v = hub_msg_get_sys(m, (enum hub_sys_prop) p);
+                if (v && name && p != HUB_SYS_ACK && hub_sys_prop_settable((enum hub_sys_prop) p))
+                        bag_item(f, &first, name, v);
+        }
+        for (size_t i = 0; i < hub_msg_n_props(m); i++) {
+                const struct hub_msg_prop *pr = hub_msg_prop_at(m, i);
+                bag_item(f, &first, pr->name, pr->value);
+        }
+        if (fclose(f) != 0 || !buf) {
+                free(buf);
+                return -ENOMEM;
+        }
+        *ret = buf;
+        return 0;
+}
+
+/* Hands the queue's unsent items to paho, in order. */
+static void dev_flush(struct up_dev *d) {
+        if (d->state != DEV_UP)
+                return;
+        while (d->next_send < d->q_n) {
+                struct up_item *it = q_at(d, d->next_send);
+                MQTTAsync_responseOptions ro = MQTTAsync_responseOptions_initializer;
+                _cleanup_free_ char *topic = NULL;
+                int r;
+                if (it->done || it->sent) {
+                        d->next_send++;
+                        continue;
+                }
+                if (it->msg) {
+                        size_t len;
+                        const void *body = hub_msg_body(it->msg, &len);
+                        if (d2c_topic(d->id, it->msg, &topic) < 0)
+                                return; /* out of memory: the next confirmation retries */
+                        ro.onSuccess = on_pub_ok;
+                        ro.onFailure = on_pub_fail;
+                        ro.context = &d->ctx[d->gen % UP_CTX_RING];
+                        r = MQTTAsync_send(d->client, topic, (int) len, body, 1, 0, &ro);
+                        if (r == MQTTASYNC_MAX_MESSAGES_INFLIGHT || r == MQTTASYNC_MAX_BUFFERED_MESSAGES)
+                                return; /* window full: the next PUBACK continues */
+                        if (r != MQTTASYNC_SUCCESS) {
+                                char why[96];
+                                snprintf(why, sizeof why, "paho refused a publish (code %d)", r);
+                                dev_down(d, why);
+                                return;
+                        }
+                        it->token = ro.token;
+                } else {
+                        it->rid = ++d->rid;
+                        if (asprintf(&topic, "$iothub/twin/PATCH/properties/reported/?$rid=r%u", it->rid) < 0)
+                                return;
+                        r = MQTTAsync_send(d->client, topic, (int) strlen(it->patch), it->patch, 0, 0, &ro);
+                        if (r == MQTTASYNC_MAX_MESSAGES_INFLIGHT || r == MQTTASYNC_MAX_BUFFERED_MESSAGES)
+                                return;
+                        if (r != MQTTASYNC_SUCCESS) {
+                                char why[96];
+                                snprintf(why, sizeof why, "paho refused a twin patch (code %d)", r);
+                                dev_down(d, why);
+                                return;
+                        }
+                }
+                it->sent = true;
+                d->next_send++;
+        }
+}
+
+static void confirm_item(struct up_dev *d, struct up_item *it) {
+        uint64_t seq = it->seq;
+        it->done = true;
+        q_pop_done(d);
+        gw_endpoint_confirm(d->u->ep, seq, 0);
+}
+
+/* ---- downstream ------------------------------------------------------------------------------ */
+
+static void c2d_done(int r, uint64_t sequence_number, void *userdata) {
+        char *device = userdata;
+        if (r < 0)
+                gw_log_full(LOG_ERR, r,
+                            GW_FIELDS(.component = "uplink", .device = device, .event = "c2d-lost",
+                                      .ratelimit_key = "upstream-c2d"),
+                            "Upstream: a cloud-to-device message for %s was acknowledged to the cloud but cannot be "
+                            "queued here: %m; it is lost", device);
+        else
+                gw_log_full(LOG_DEBUG, 0, GW_FIELDS(.component = "uplink", .device = device),
+                            "Upstream: C2D message for %s queued locally (sequence number %" PRIu64 ")", device,
+                            sequence_number);
+        free(device);
+}
+
+static void handle_c2d(struct up_dev *d, struct up_ev *e) {
+        struct up_ep *u = d->u;
+        struct hub_msg *m = NULL;
+        char *device = NULL;
+        const char *bag = strstr(e->topic, "/messages/devicebound");
+        bag += strlen("/messages/devicebound");
+        if (*bag == '/')
+                bag++;
+        int r = hub_msg_new(e->payload, e->len, HUB_MSG_C2D_MAX_SIZE, &m);
+        if (r >= 0)
+                r = gw_mqtt_bag_decode(bag, strlen(bag), GW_MQTT_BAG_DOWNSTREAM, m);
+        if (r >= 0 && !(device = strdup(d->id)))
+                r = -ENOMEM;
+        if (r >= 0) {
+                r = hub_queue_send(u->hub->queue, d->id, m, hub_clock_now(hub_clock_system()), c2d_done, device);
+                if (r < 0)
+                        free(device);
+        }
+        hub_msg_unref(m);
+        if (r < 0)
+                c2d_done(r, 0, strdup(d->id));
+}
+
+/* A method call under way; detached (u = NULL) when the endpoint goes away first. */
+struct method_ctx {
+        struct up_ep *u;
+        char *device, *rid;
+        struct method_ctx *prev, *next;
+};
+
+static void method_ctx_free(struct method_ctx *c) {
+        if (c->u) {
+                if (c->prev)
+                        c->prev->next = c->next;
+                else
+                        c->u->calls = c->next;
+                if (c->next)
+                        c->next->prev = c->prev;
+        }
+        free(c->device);
+        free(c->rid);
+        free(c);
+}
+
+static struct up_dev *find_dev(struct up_ep *u, const char *id) {
+        for (size_t i = 0; i < u->n_devs; i++)
+                if (streq(u->devs[i].id, id))
+                        return &u->devs[i];
+        return NULL;
+}
+
+static void method_answer(struct up_dev *d, const char *rid, int status, const char *payload) {
+        _cleanup_free_ char *topic = NULL;
+        if (!d || d->state != DEV_UP)
+                return; /* the cloud times the call out */
+        if (asprintf(&topic, "$iothub/methods/res/%d/?$rid=%s", status, rid) < 0)
+                return;
+        publish_raw(d, topic, payload ? payload : "", payload ? strlen(payload) : 0, 0);
+}
+
+static void method_error(struct up_dev *d, const char *rid, int r) {
+        const char *body;
+        int status;
+        switch (r) {
+        case -ETIMEDOUT:
+                status = 504;
+                body = "{\"errorCode\":504101,\"message\":\"Timed out waiting for the response from device.\"}";
+                break;
+        case -EINVAL:
+                status = 400;
+                body = "{\"errorCode\":400004,\"message\":\"Invalid method name or payload.\"}";
+                break;
+        case -E2BIG:
+                status = 413;
+                body = "{\"errorCode\":413001,\"message\":\"The device's response is too large.\"}";
+                break;
+        default: /* -ENOTCONN, -ENOENT, -ESHUTDOWN: not online here (reference §2.10, §5.4) */
+                status = 404;
+                body = "{\"errorCode\":404103,\"message\":\"The device is not online at the gateway: "
+                       "DeviceNotOnline.\"}";
+                break;
+        }
+        method_answer(d, rid, status, body);
+}
+
+static void method_done(int status, const char *json_payload, void *ud) {
+        struct method_ctx *c = ud;
+        struct up_dev *d = c->u && c->u->active ? find_dev(c->u, c->device) : NULL;
+        if (status >= 0)
+                method_answer(d, c->rid, status, json_payload);
+        else if (d)
+                method_error(d, c->rid, status);
+        method_ctx_free(c);
+}
+
+static void handle_method(struct up_dev *d, struct up_ev *e) {
+        struct up_ep *u = d->u;
+        const char *p = e->topic + strlen("$iothub/methods/POST/");
+        const char *slash = strchr(p, '/');
+        const char *rid = strstr(e->topic, "$rid=");
+        const char *err = NULL;
+        if (!slash || !rid) {
+                UP_LOG(d, LOG_WARNING, 0, "Upstream: %s: malformed method topic %s ignored", d->id, e->topic);
+                return;
+        }
+        rid += 5;
+        _cleanup_free_ char *name = strndup(p, (size_t) (slash - p));
+        struct method_ctx *c = calloc(1, sizeof *c);
+        if (!name || !c || !(c->rid = strndup(rid, strcspn(rid, "&"))) || !(c->device = strdup(d->id))) {
+                if (c) {
+                        free(c->rid);
+                        free(c);
+                }
+                return;
+        }
+        int r = hub_method_invoke(u->hub->methods, d->id, NULL, name, e->len ? e->payload : NULL,
+                                  HUB_METHOD_TIMEOUT_DEFAULT, 0, mono_now(), method_done, c, &err);
+        if (r < 0) {
+                UP_LOG(d, LOG_INFO, r, "Upstream: method %s from the cloud for %s: %m%s%s", name, d->id,
+                       err ? ": " : "", err ? err : "");
+                method_error(d, c->rid, r);
+                method_ctx_free(c);
+                return;
+        }
+        c->u = u;
+        c->next = u->calls;
+        if (u->calls)
+                u->calls->prev = c;
+        u->calls = c;
+        gw_hub_rearm(u->hub);
+}
+
+/* The merge patch that turns local into cloud (keys starting with '$' are the twin's own). */
+static json_t *desired_diff(const json_t *local, const json_t *cloud) {
+        json_t *patch = json_object();
+        const char *k;
+        json_t *v;
+        if (!patch)
+                return NULL;
+        json_object_foreach ((json_t *) cloud, k, v) {
+                if (k[0] == '$')
+                        continue;
+                json_t *lv = local ? json_object_get(local, k) : NULL;
+                if (lv && json_is_object(lv) && json_is_object(v)) {
+                        json_t *sub = desired_diff(lv, v);
+                        if (sub && json_object_size(sub) > 0)
+                                json_object_set_new(patch, k, sub);
+                        else
+                                json_decref(sub);
+                } else if (!lv || !json_equal(lv, v))
+                        json_object_set(patch, k, v);
+        }
+        json_object_foreach ((json_t *) local, k, v) {
+                if (k[0] != '$' && !json_object_get(cloud, k))
+                        json_object_set_new(patch, k, json_null());
+        }
+        return patch;
+}
+
+struct desired_ctx {
+        char *device;
+};
+
+static void desired_done(int result, json_t *twin, const char *error, void *ud) {
+        struct desired_ctx *c = ud;
+        if (result < 0)
+                gw_log_full(LOG_WARNING, result, GW_FIELDS(.component = "uplink", .device = c->device),
+                            "Upstream: cannot apply the cloud's desired properties to %s locally: %m%s%s", c->device,
+                            error ? ": " : "", error ? error : "");
+        free(c->device);
+        free(c);
+}
+
+static void apply_desired(struct up_dev *d, json_t *patch) {
+        struct desired_ctx *c = calloc(1, sizeof *c);
+        if (!c || !(c->device = strdup(d->id))) {
+                free(c);
+                return;
+        }
+        int r = hub_twin_update_desired(d->u->hub->twins, d->id, patch, NULL, desired_done, c);
+        if (r < 0) {
+                UP_LOG(d, LOG_WARNING, r, "Upstream: cannot apply the cloud's desired properties to %s: %m", d->id);
+                free(c->device);
+                free(c);
+        }
+}
+
+static void handle_twin_get(struct up_dev *d, int status, struct up_ev *e) {
+        _cleanup_(json_decrefp) json_t *doc = NULL, *view = NULL, *patch = NULL;
+        d->get_rid = 0;
+        if (status != 200) {
+                UP_LOG(d, LOG_WARNING, 0, "Upstream: the cloud answered %d to the twin GET of %s", status, d->id);
+                return;
+        }
+        doc = json_loadb(e->payload, e->len, 0, NULL);
+        json_t *cloud = doc ? json_object_get(doc, "desired") : NULL;
+        if (!json_is_object(cloud)) {
+                UP_LOG(d, LOG_WARNING, 0, "Upstream: the cloud's twin of %s has no desired properties", d->id);
+                return;
+        }
+        if (hub_twin_get_device_view(d->u->hub->twins, d->id, &view) < 0)
+                return;
+        json_t *local = json_object_get(view, "desired");
+        patch = desired_diff(local, cloud);
+        json_t *ver = json_object_get(cloud, "$version");
+        d->cloud_desired_version = json_is_integer(ver) ? json_integer_value(ver) : 0;
+        d->twin_synced = true;
+        if (patch && json_object_size(patch) > 0) {
+                UP_LOG(d, LOG_INFO, 0, "Upstream: %s: applying %zu desired-property changes from the cloud "
+                       "(cloud $version %" PRId64 ")", d->id, json_object_size(patch), d->cloud_desired_version);
+                apply_desired(d, patch);
+        }
+}
+
+static void handle_twin_res(struct up_dev *d, struct up_ev *e) {
+        const char *p = e->topic + strlen("$iothub/twin/res/");
+        int status = atoi(p);
+        const char *rid = strstr(e->topic, "$rid=");
+        if (!rid)
+                return;
+        rid += 5;
+        if (rid[0] == 'g' && d->get_rid && (unsigned) strtoul(rid + 1, NULL, 10) == d->get_rid) {
+                handle_twin_get(d, status, e);
+                return;
+        }
+        if (rid[0] != 'r')
+                return;
+        unsigned n = (unsigned) strtoul(rid + 1, NULL, 10);
+        for (size_t i = 0; i < d->q_n; i++) {
+                struct up_item *it = q_at(d, i);
+                if (!it->patch || !it->sent || it->done || it->rid != n)
+                        continue;
+                if (status >= 200 && status < 300)
+                        confirm_item(d, it);
+                else if (status == 429 || status >= 500) {
+                        char why[64];
+                        snprintf(why, sizeof why, "the cloud answered %d to a reported patch", status);
+                        dev_down(d, why);
+                } else {
+                        gw_endpoint_count_poison(d->u->ep, it->seq, "the cloud refused the reported patch");
+                        confirm_item(d, it);
+                }
+                return;
+        }
+}
+
+static void handle_desired_patch(struct up_dev *d, struct up_ev *e) {
+        _cleanup_(json_decrefp) json_t *patch = json_loadb(e->payload, e->len, 0, NULL);
+        const char *v = strstr(e->topic, "$version=");
+        int64_t version = v ? strtoll(v + 9, NULL, 10) : 0;
+        if (!json_is_object(patch))
+                return;
+        if (d->twin_synced && version > 0 && version <= d->cloud_desired_version)
+                return; /* already in the fetched twin */
+        if (version > d->cloud_desired_version)
+                d->cloud_desired_version = version;
+        json_object_del(patch, "$version");
+        if (json_object_size(patch) > 0)
+                apply_desired(d, patch);
+}
+
+static void handle_arrived(struct up_dev *d, struct up_ev *e) {
+        if (is_c2d_topic(e->topic))
+                handle_c2d(d, e);
+        else if (strncmp(e->topic, "$iothub/methods/POST/", 21) == 0)
+                handle_method(d, e);
+        else if (strncmp(e->topic, "$iothub/twin/res/", 17) == 0)
+                handle_twin_res(d, e);
+        else if (strncmp(e->topic, "$iothub/twin/PATCH/properties/desired", 37) == 0)
+                handle_desired_patch(d, e);
+        else
+                UP_LOG(d, LOG_DEBUG, 0, "Upstream: %s: ignored a publish on %s", d->id, e->topic);
+}
+
+static void subscribe(struct up_dev *d) {
+        char c2d[300];
+        char *topics[4] = { c2d, "$iothub/methods/POST/#", "$iothub/twin/res/#",
+                            "$iothub/twin/PATCH/properties/desired/#" };
+        int qos[4] = { 1, 0, 0, 0 };
+        MQTTAsync_responseOptions ro = MQTTAsync_responseOptions_initializer;
+        snprintf(c2d, sizeof c2d, "devices/%s/messages/devicebound/#", d->id);
+        ro.onSuccess = on_sub_ok;
+        ro.onFailure = on_sub_fail;
+        ro.context = &d->ctx[d->gen % UP_CTX_RING];
+        int r = MQTTAsync_subscribeMany(d->client, 4, topics, qos, &ro);
+        if (r != MQTTASYNC_SUCCESS)
+                dev_down(d, "cannot subscribe");
+}
+
+static void twin_get(struct up_dev *d) {
+        char topic[64];
+        d->get_rid = ++d->rid;
+        snprintf(topic, sizeof topic, "$iothub/twin/GET/?$rid=g%u", d->get_rid);
+        publish_raw(d, topic, "", 0, 0);
+}
+
+static void on_event(void *ud, struct gw_paho_item *item) {
+        struct up_ep *u = ud;
+        struct up_ev *e = (struct up_ev *) item;
+        struct up_dev *d = e->d;
+        char why[96];
+
+        if (!u->active)
+                return;
+        switch (e->kind) {
+        case EV_CONNECTED:
+                if (e->gen != d->gen || d->state != DEV_CONNECTING)
+                        break;
+                d->state = DEV_UP;
+                d->failures = 0;
+                if (d->down_logged)
+                        UP_LOG(d, LOG_NOTICE, 0, "Upstream: %s is connected to %s again; sending what it missed",
+                               d->id, u->address);
+                else
+                        UP_LOG(d, LOG_INFO, 0, "Upstream: %s connected to %s as %s", d->id, u->address,
+                               u->host_name);
+                d->down_logged = false;
+                d->twin_synced = false;
+                subscribe(d);
+                /* Renew the token at 80% of its lifetime. */
+                arm_timer(d, mono_now() + u->token_ttl_usec / 5 * 4);
+                dev_flush(d);
+                break;
+        case EV_CONNECT_FAILED:
+                if (e->gen != d->gen || d->state != DEV_CONNECTING)
+                        break;
+                snprintf(why, sizeof why, "connect failed, paho code %d%s", e->code,
+                         e->code == 5 ? ": not authorized" : e->code == 4 ? ": bad user name or password" : "");
+                dev_down(d, why);
+                break;
+        case EV_LOST:
+                if ((e->gen && e->gen != d->gen) || d->state != DEV_UP)
+                        break;
+                dev_down(d, "connection lost");
+                break;
+        case EV_SUBSCRIBED:
+                if (e->gen == d->gen && d->state == DEV_UP)
+                        twin_get(d);
+                break;
+        case EV_PUB_OK:
+                if (e->gen != d->gen)
+                        break;
+                for (size_t i = 0; i < d->next_send && i < d->q_n; i++) {
+                        struct up_item *it = q_at(d, i);
+                        if (it->msg && it->sent && !it->done && it->token == e->token) {
+                                confirm_item(d, it);
+                                break;
+                        }
+                }
+                dev_flush(d);
+                break;
+        case EV_PUB_FAILED:
+                if (e->gen != d->gen || d->state != DEV_UP)
+                        break;
+                snprintf(why, sizeof why, "publish failed (paho code %d)", e->code);
+                dev_down(d, why);
+                break;
+        case EV_ARRIVED:
+                handle_arrived(d, e);
+                break;
+        }
+}
+
+/* ---- the transport ops -------------------------------------------------------------------- */
+
+/* The local identity uses the same key as upstream (created when missing). */
+static void sync_local_identity(struct up_ep *u, const struct gw_upstream_device *ud) {
+        struct hub_device dev = { 0 }, out = { 0 };
+        int r = hub_registry_get(u->hub->registry, ud->id, &dev);
+        if (r == -ENOENT) {
+                struct hub_device in = { .status = HUB_DEVICE_ENABLED, .auth_type = HUB_AUTH_TYPE_SAS };
+                snprintf(in.device_id, sizeof in.device_id, "%s", ud->id);
+                snprintf(in.primary_key, sizeof in.primary_key, "%s", ud->key);
+                snprintf(in.secondary_key, sizeof in.secondary_key, "%s", ud->key);
+                r = hub_registry_create(u->hub->registry, &in, &out);
+                hub_device_done(&in);
+                if (r >= 0)
+                        gw_log_info("Upstream endpoint %s: created the local identity %s with its upstream key",
+                                    gw_endpoint_name(u->ep), ud->id);
+        } else if (r >= 0 && !streq(dev.primary_key, ud->key)) {
+                snprintf(dev.primary_key, sizeof dev.primary_key, "%s", ud->key);
+                dev.auth_type = HUB_AUTH_TYPE_SAS;
+                r = hub_registry_update(u->hub->registry, &dev, NULL, &out);
+                if (r >= 0)
+                        gw_log_info("Upstream endpoint %s: the local identity %s now uses its upstream key",
+                                    gw_endpoint_name(u->ep), ud->id);
+        }
+        if (r < 0)
+                gw_log_errno(LOG_WARNING, r, "Upstream endpoint %s: cannot give the local identity %s its upstream "
+                             "key: %m", gw_endpoint_name(u->ep), ud->id);
+        hub_device_done(&dev);
+        hub_device_done(&out);
+}
+
+static void up_destroy(void *t);
+
+static int up_create(struct gw_endpoint *ep, const struct gw_endpoint_conf *c, void **ret) {
+        struct up_ep *u = calloc(1, sizeof *u);
+        int r;
+        if (!u)
+                return -ENOMEM;
+        u->ep = ep;
+        u->hub = gw_endpoint_hub(ep);
+        u->window = c->inflight;
+        u->keep_alive_sec = (int) (c->keep_alive_usec / USEC_PER_SEC);
+        u->timeout_sec = (int) ((c->timeout_usec + USEC_PER_SEC - 1) / USEC_PER_SEC);
+        u->token_ttl_usec = c->token_ttl_usec;
+        u->retry_initial_usec = c->retry_initial_usec;
+        u->retry_max_usec = c->retry_max_usec;
+        u->host_name = strdup(c->host_name);
+        u->ca_file = c->ca_file ? strdup(c->ca_file) : NULL;
+        u->username_tail = strdup("?api-version=" UP_API_VERSION "&DeviceClientType=" UP_CLIENT_TYPE);
+        if (asprintf(&u->address, "ssl://%s:%u", c->gateway_host ? c->gateway_host : c->host_name, c->port) < 0)
+                u->address = NULL;
+        u->devs = calloc(c->n_devices, sizeof *u->devs);
+        if (!u->host_name || !u->username_tail || !u->address || !u->devs || (c->ca_file && !u->ca_file)) {
+                up_destroy(u);
+                return -ENOMEM;
+        }
+        r = gw_paho_inbox_new(gw_endpoint_event(ep), on_event, free_ev, u, &u->inbox);
+        if (r < 0) {
+                up_destroy(u);
+                return r;
+        }
+        for (size_t i = 0; i < c->n_devices; i++) {
+                struct up_dev *d = &u->devs[i];
+                MQTTAsync_createOptions co = MQTTAsync_createOptions_initializer;
+                d->u = u;
+                d->id = strdup(c->devices[i].id);
+                d->key = strdup(c->devices[i].key);
+                u->n_devs++;
+                if (!d->id || !d->key) {
+                        up_destroy(u);
+                        return -ENOMEM;
+                }
+                r = sd_event_add_time(gw_endpoint_event(ep), &d->timer, CLOCK_BOOTTIME, UINT64_MAX,
+                                      10 * USEC_PER_MSEC, on_timer, d);
+                if (r < 0) {
+                        up_destroy(u);
+                        return r;
+                }
+                (void) sd_event_source_set_enabled(d->timer, SD_EVENT_OFF);
+                co.sendWhileDisconnected = 0;
+                co.maxBufferedMessages = (int) u->window;
+                co.MQTTVersion = MQTTVERSION_3_1_1;
+                r = MQTTAsync_createWithOptions(&d->client, u->address, d->id, MQTTCLIENT_PERSISTENCE_NONE, NULL, &co);
+                if (r == MQTTASYNC_SUCCESS)
+                        r = MQTTAsync_setCallbacks(d->client, d, on_lost, on_arrived, NULL);
+                if (r != MQTTASYNC_SUCCESS) {
+                        gw_log_error("Endpoint %s: paho cannot create a client for %s at %s (code %d)", c->name,
+                                     d->id, u->address, r);
+                        up_destroy(u);
+                        return -EINVAL;
+                }
+                sync_local_identity(u, &c->devices[i]);
+        }
+        *ret = u;
+        return 0;
+}
+
+static int up_connect(void *t) {
+        struct up_ep *u = t;
+        u->active = true;
+        /* The endpoint hands out messages at once; each device's connection comes up on its own
+         * and keeps its messages until then. */
+        gw_endpoint_up(u->ep);
+        for (size_t i = 0; i < u->n_devs; i++)
+                if (u->devs[i].state == DEV_IDLE)
+                        dev_connect(&u->devs[i]);
+        return 0;
+}
+
+static bool twin_patch_of(const struct hub_msg *m, char **ret) {
+        size_t len;
+        const char *body = hub_msg_body(m, &len);
+        _cleanup_(json_decrefp) json_t *doc = json_loadb(body, len, 0, NULL);
+        json_t *rep = json_object_get(json_object_get(doc, "properties"), "reported");
+        const char *k;
+        json_t *v;
+        void *tmp;
+        *ret = NULL;
+        if (!json_is_object(rep))
+                return true;
+        json_object_foreach_safe (rep, tmp, k, v)
+                if (k[0] == '$')
+                        json_object_del(rep, k);
+        if (json_object_size(rep) == 0)
+                return true;
+        *ret = json_dumps(rep, JSON_COMPACT);
+        return *ret != NULL;
+}
+
+static int up_send(void *t, const struct gw_ep_item *items, size_t n) {
+        struct up_ep *u = t;
+        for (size_t i = 0; i < n; i++) {
+                const struct gw_ep_item *x = &items[i];
+                struct up_dev *d = x->module_id ? NULL : find_dev(u, x->device_id);
+                const char *src = hub_msg_get_sys(x->msg, HUB_SYS_MESSAGE_SOURCE);
+                struct up_item it = { .seq = x->seq };
+                if (!d) {
+                        gw_endpoint_count_poison(u->ep, x->seq, x->module_id ? "modules have no upstream identity here"
+                                                                             : "the device has no upstream identity");
+                        gw_endpoint_confirm(u->ep, x->seq, 0);
+                        continue;
+                }
+                if (src && streq(src, "twinChangeEvents")) {
+                        if (!twin_patch_of(x->msg, &it.patch))
+                                return -ENOMEM;
+                        if (!it.patch) { /* no reported change: nothing for the cloud */
+                                gw_endpoint_confirm(u->ep, x->seq, 0);
+                                continue;
+                        }
+                } else if (!src || streq(src, "Telemetry"))
+                        it.msg = hub_msg_ref(x->msg);
+                else {
+                        gw_endpoint_count_poison(u->ep, x->seq, "only device messages and reported properties go "
+                                                                "upstream");
+                        gw_endpoint_confirm(u->ep, x->seq, 0);
+                        continue;
+                }
+                if (q_push(d, &it) < 0) {
+                        item_done(&it);
+                        return -ENOMEM;
+                }
+        }
+        for (size_t i = 0; i < u->n_devs; i++)
+                dev_flush(&u->devs[i]);
+        return 0;
+}
+
+static void up_disconnect(void *t) {
+        struct up_ep *u = t;
+        /* The framework resends from its cursor: forget the queues, keep the connections (the
+         * cloud must still reach the devices). Confirmations of what was handed out are
+         * ignored (tokens no longer in a queue). */
+        for (size_t i = 0; i < u->n_devs; i++)
+                q_clear(&u->devs[i]);
+}
+
+static void up_destroy(void *t) {
+        struct up_ep *u = t;
+        if (!u)
+                return;
+        u->active = false;
+        for (size_t i = 0; i < u->n_devs; i++) {
+                struct up_dev *d = &u->devs[i];
+                if (d->client) {
+                        if (MQTTAsync_isConnected(d->client)) {
+                                MQTTAsync_disconnectOptions o = MQTTAsync_disconnectOptions_initializer;
+                                o.timeout = 0;
+                                (void) MQTTAsync_disconnect(d->client, &o);
+                        }
+                        MQTTAsync_destroy(&d->client);
+                }
+        }
+        u->inbox = gw_paho_inbox_free(u->inbox);
+        for (struct method_ctx *c = u->calls; c; c = c->next)
+                c->u = NULL; /* their completions only free them */
+        for (size_t i = 0; i < u->n_devs; i++) {
+                struct up_dev *d = &u->devs[i];
+                q_clear(d);
+                free(d->q);
+                sd_event_source_disable_unref(d->timer);
+                free(d->id);
+                if (d->key) {
+                        hub_explicit_bzero(d->key, strlen(d->key));
+                        free(d->key);
+                }
+                if (d->password) {
+                        hub_explicit_bzero(d->password, strlen(d->password));
+                        free(d->password);
+                }
+        }
+        free(u->devs);
+        free(u->host_name);
+        free(u->address);
+        free(u->username_tail);
+        free(u->ca_file);
+        free(u);
+}
+
+const struct gw_endpoint_ops gw_endpoint_upstream_ops = {
+        .type = "upstream",
+        .create = up_create,
+        .connect = up_connect,
+        .send = up_send,
+        .disconnect = up_disconnect,
+        .destroy = up_destroy,
+};

@@ -1,0 +1,648 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""The `upstream` endpoint (local devices connect to a cloud IoT hub as themselves).
+
+1. Against mosquitto configured like IoT Hub (TLS on loopback with a CA made here, one ACL per
+   device user name that allows only its IoT Hub topics): the client ids, user names and
+   topics fieldhub uses, seen in mosquitto's log and by a Python subscriber on `#` and
+   `$iothub/#` (a user the ACL lets read everything), and that nothing it sends is denied.
+2. Against a second fieldhubd playing the cloud (own state dir, config, fixed ports): the
+   SAS tokens are checked there exactly as IoT Hub checks them; routing to upstream; a cloud
+   outage while 10,000 messages arrive, then every message delivered in order per device
+   (counted in the cloud's event stream through its admin socket, `after: 0`); kill -9 of the
+   gateway during the drain, restart, nothing lost; C2D from the cloud to an offline local
+   device, delivered when it connects to the gateway; a direct method from the cloud's
+   service API to a local MQTT device and back (and 404 DeviceNotOnline when it is offline);
+   desired properties changed in the cloud while the gateway was down, applied on reconnect;
+   reported properties sent up.
+
+Every process is stopped by pid; every wait is bounded."""
+
+import base64
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+try:
+    import paho.mqtt.client as mqtt  # noqa: F401
+except ImportError:
+    if sys.executable != "/usr/bin/python3" and os.path.exists("/usr/bin/python3"):
+        os.execv("/usr/bin/python3", ["/usr/bin/python3"] + sys.argv)
+    print("python3-paho-mqtt is not installed", file=sys.stderr)
+    sys.exit(77)
+
+import paho.mqtt.client as mqtt  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import test_api  # noqa: E402
+import test_mqtt  # noqa: E402
+from fhlib import Daemon, at_exit, main, tmpdir, write  # noqa: E402
+
+MOSQUITTO = "/usr/sbin/mosquitto"
+CLOUD = test_api.HOST          # the cloud hub's name (gw.test.local)
+EDGE = "edge.test.local"       # the gateway's own name
+UA = "?api-version=2021-04-12&DeviceClientType=fieldhub%2F0.1"
+KEYS = {"dev1": base64.b64encode(bytes(range(40, 72))).decode(),
+        "dev2": base64.b64encode(bytes(range(80, 112))).decode()}
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_for(fn, timeout=20, what="condition"):
+    return test_mqtt.wait_for(fn, timeout=timeout, what=what)
+
+
+def admin_request(d, req, timeout=10):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(f"{d}/admin.sock")
+    s.sendall(json.dumps(req).encode() + b"\n")
+    return s
+
+
+def events(d, done=None, timeout=30):
+    """Every telemetry event the hub in d still holds (monitor-events with after = 0), read
+    until done(events) is true or, without done, until the stream is quiet for a second."""
+    s = admin_request(d, {"cmd": "monitor-events", "args": {"after": 0}})
+    buf, out = b"", []
+    end = time.monotonic() + timeout
+    first = True
+    s.settimeout(1.0)
+    while time.monotonic() < end:
+        try:
+            chunk = s.recv(1 << 20)
+        except socket.timeout:
+            if done is None:
+                break
+            continue
+        if not chunk:
+            break
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            j = json.loads(line)
+            if first:
+                first = False
+                assert j.get("ok"), j
+                continue
+            ev = j["event"]
+            if ev["properties"]["system"].get("iothub-message-source", "Telemetry") == "Telemetry":
+                out.append(ev)
+        if done and done(out):
+            break
+    s.close()
+    return out
+
+
+# ---- the cloud: a second fieldhubd ----------------------------------------------------------
+
+class Cloud:
+    def __init__(self):
+        self.d = tmpdir()
+        self.port, self.mport = free_port(), free_port()
+        text = test_api.config(self.d, test_mqtt.mqtt_extra())
+        text = text.replace('service_api:\n  listen: ["127.0.0.1:0"]',
+                            f'service_api:\n  listen: ["127.0.0.1:{self.port}"]')
+        text = text.replace('mqtt:\n  listen: ["127.0.0.1:0"]', f'mqtt:\n  listen: ["127.0.0.1:{self.mport}"]')
+        text = text.replace("max_queue_depth: 3", "max_queue_depth: 50")
+        self.cfg = write(f"{self.d}/fieldhub.yaml", text)
+        self.ca = f"{self.d}/state/ca.crt"
+        self.daemon = None
+        self.start()
+        import ssl
+        self.ctx = ssl.create_default_context(cafile=self.ca)
+        for dev, key in KEYS.items():
+            st, _, body = self.req("PUT", f"/devices/{dev}",
+                                   {"deviceId": dev, "authentication": {"type": "sas", "symmetricKey": {
+                                       "primaryKey": key, "secondaryKey": key}}})
+            assert st == 200, body
+
+    def start(self):
+        self.daemon = Daemon(self.cfg)
+        self.daemon.wait_log(r"MQTT listening on", timeout=20)
+
+    def stop(self):
+        rc, _ = self.daemon.stop()
+        log = self.daemon.log()
+        assert rc == 0 and "Sanitizer" not in log and "runtime error" not in log, log[-3000:]
+
+    def req(self, method, path, body=None):
+        import http.client
+        c = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.ctx, timeout=60)
+        c.request(method, path + "?api-version=" + test_api.VERSION,
+                  body=json.dumps(body) if body is not None else None,
+                  headers={"Authorization": test_api.token(), "Content-Type": "application/json"})
+        r = c.getresponse()
+        data = r.read()
+        c.close()
+        return r.status, dict(r.getheaders()), json.loads(data) if data else None
+
+
+class Gateway:
+    def __init__(self, cloud, extra_routes=""):
+        self.d = tmpdir()
+        self.cloud = cloud
+        for dev, key in KEYS.items():
+            write(f"{self.d}/{dev}.key", key + "\n")
+        text = test_api.config(self.d, test_mqtt.mqtt_extra() + f"""endpoints:
+  - name: cloud
+    type: upstream
+    host_name: {CLOUD}
+    gateway_host: 127.0.0.1
+    port: {cloud.mport}
+    tls: {{ca_file: {cloud.ca}}}
+    retry: {{initial: 100ms, max: 1s}}
+    queue: {{max_messages: 200000}}
+    devices:
+      - {{id: dev1, key_file: {self.d}/dev1.key}}
+      - {{id: dev2, key_file: {self.d}/dev2.key}}
+routes:
+  - name: up
+    condition: "true"
+    endpoint: cloud
+  - name: reported
+    source: TwinChangeEvents
+    endpoint: cloud
+{extra_routes}""")
+        text = text.replace(f"host_name: {CLOUD}\n  host_aliases", f"host_name: {EDGE}\n  host_aliases")
+        self.cfg = write(f"{self.d}/fieldhub.yaml", text)
+        self.daemon = None
+        self.start()
+
+    def start(self):
+        self.runs = getattr(self, "runs", 0) + 1
+        self.daemon = Daemon(self.cfg, stderr_file=f"{self.cfg}.{self.runs}.stderr")
+        self.daemon.wait_log(r"MQTT listening on", timeout=20)
+        self.mport_mqtt = int(re.search(r"MQTT listening on \S+ \(port (\d+), TLS\)", self.daemon.log()).group(1))
+        self.ca = f"{self.d}/state/ca.crt"
+
+    def stop(self):
+        rc, _ = self.daemon.stop()
+        log = self.daemon.log()
+        assert rc == 0 and "Sanitizer" not in log and "runtime error" not in log, log[-3000:]
+
+    def device(self, dev, **kw):
+        """A local device on the gateway's MQTT, with the same key as upstream."""
+        cl = test_mqtt.Client(self, dev, test_mqtt.sas(dev, KEYS[dev], host=EDGE),
+                              user=test_mqtt.username(dev, host=EDGE), **kw)
+        assert cl.wait_connect() == 0, cl.rc
+        return cl
+
+    def endpoint(self):
+        out = subprocess.run([test_mqtt.FIELDHUBCTL, "--socket", f"{self.d}/admin.sock", "--json", "endpoints"],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        return {e["name"]: e for e in json.loads(out.stdout)}["cloud"]
+
+
+def publish_many(cl, dev, n, start=0, props=""):
+    infos = []
+    for i in range(start, start + n):
+        infos.append(cl.c.publish(f"devices/{dev}/messages/events/n={i}{props}", b'{"i": %d}' % i, qos=1))
+        if len(infos) >= 500:
+            for x in infos:
+                x.wait_for_publish(30)
+                assert x.is_published()
+            infos = []
+    for x in infos:
+        x.wait_for_publish(30)
+        assert x.is_published()
+
+
+def check_order(evs, devs_counts):
+    per = {}
+    for ev in evs:
+        n = ev["properties"]["application"].get("n")
+        if n is None:
+            continue
+        per.setdefault(ev["origin"], []).append(int(n))
+    for dev, count in devs_counts.items():
+        got = per.get(dev, [])
+        # At-least-once: duplicates possible after a kill -9, but in order and nothing missing.
+        dedup = []
+        for x in got:
+            if not dedup or x > dedup[-1]:
+                dedup.append(x)
+            else:
+                assert x <= dedup[-1], (dev, x)
+        assert dedup == list(range(count)), (dev, len(got), len(dedup), dedup[:5], dedup[-5:])
+    return per
+
+
+def test_cloud():
+    cloud = Cloud()
+    gw = Gateway(cloud)
+    gw.daemon.wait_log(r"Upstream: dev1 connected to ssl://127.0.0.1:\d+ as gw.test.local", timeout=20)
+    gw.daemon.wait_log(r"Upstream: dev2 connected", timeout=20)
+    assert "created the local identity dev1 with its upstream key" in gw.daemon.log()
+
+    # Routing to upstream: a local device's message arrives in the cloud as that device,
+    # with its properties.
+    c1 = gw.device("dev1")
+    c1.c.publish("devices/dev1/messages/events/%24.ct=application%2Fjson&%24.ce=utf-8&kind=hello",
+                 b'{"t": 1}', qos=1).wait_for_publish(10)
+    evs = wait_for(lambda: [e for e in events(cloud.d) if e["properties"]["application"].get("kind") == "hello"],
+                   what="the first message in the cloud")
+    ev = evs[0]
+    assert ev["origin"] == "dev1" and ev["payload"] == {"t": 1}, ev
+    assert ev["properties"]["system"]["content-type"] == "application/json", ev
+    assert ev["properties"]["system"]["iothub-connection-device-id"] == "dev1", ev
+
+    # Reported properties go up in order.
+    c1.c.subscribe("$iothub/twin/res/#", 0)
+    time.sleep(0.3)
+    c1.c.publish("$iothub/twin/PATCH/properties/reported/?$rid=1", b'{"fw": "1.0"}', qos=0)
+    c1.c.publish("$iothub/twin/PATCH/properties/reported/?$rid=2", b'{"fw": "1.1", "temp": 20}', qos=0)
+    wait_for(lambda: (cloud.req("GET", "/twins/dev1")[2]["properties"]["reported"].get("fw") == "1.1"
+                      and cloud.req("GET", "/twins/dev1")[2]["properties"]["reported"].get("temp") == 20),
+             what="reported properties in the cloud")
+
+    # A direct method from the cloud to the local MQTT device and back.
+    c1.c.subscribe("$iothub/methods/POST/#", 0)
+    time.sleep(0.3)
+
+    def answer():
+        m = c1.wait_msgs(1, timeout=20, pred=lambda m: m.topic.startswith("$iothub/methods/POST/reboot/"))[0]
+        rid = m.topic.split("$rid=")[1]
+        assert json.loads(m.payload) == {"delay": 5}, m.payload
+        c1.c.publish(f"$iothub/methods/res/201/?$rid={rid}", b'{"ok": true}', qos=0)
+    t = threading.Thread(target=answer)
+    t.start()
+    st, _, body = cloud.req("POST", "/twins/dev1/methods",
+                            {"methodName": "reboot", "payload": {"delay": 5}, "responseTimeoutInSeconds": 10})
+    t.join(30)
+    assert st == 200 and body == {"status": 201, "payload": {"ok": True}}, (st, body)
+    # dev2 is not online at the gateway: the gateway answers 404 DeviceNotOnline for it.
+    st, _, body = cloud.req("POST", "/twins/dev2/methods", {"methodName": "ping", "responseTimeoutInSeconds": 5})
+    assert st == 200 and body["status"] == 404 and body["payload"]["errorCode"] == 404103, (st, body)
+
+    # C2D from the cloud to dev2, which is offline here: queued durably at the gateway,
+    # delivered when dev2 connects (after a gateway restart too).
+    import http.client
+    c = http.client.HTTPSConnection("127.0.0.1", cloud.port, context=cloud.ctx, timeout=30)
+    c.request("POST", f"/messages/devicebound/dev2?api-version={test_api.VERSION}", body=b"open valve",
+              headers={"Authorization": test_api.token(), "iothub-app-cmd": "open", "iothub-messageid": "m-1"})
+    r = c.getresponse()
+    r.read()
+    c.close()
+    assert r.status == 200, r.status
+    # The cloud's queue empties only once the gateway acknowledged it (after its durable enqueue).
+    wait_for(lambda: cloud.req("GET", "/devices/dev2")[2].get("cloudToDeviceMessageCount") == 0, timeout=20,
+             what="the C2D message to leave the cloud")
+    time.sleep(0.5)
+    gw.stop()
+    gw.start()
+    c2 = gw.device("dev2")
+    c2.c.subscribe("devices/dev2/messages/devicebound/#", 1)
+    try:
+        m = c2.wait_msgs(1, timeout=20)[0]
+    except AssertionError:
+        print(open(f"{gw.cfg}.1.stderr").read()[-5000:], open(f"{gw.cfg}.2.stderr").read()[-5000:], file=sys.stderr)
+        raise
+    assert m.payload == b"open valve" and "cmd=open" in m.topic and "%24.mid=m-1" in m.topic, m.topic
+    c2.close()
+    c1 = gw.device("dev1")
+
+    # Desired properties changed in the cloud while the gateway is down: applied on
+    # reconnect, and the local device sees the patch.
+    st, _, body = cloud.req("PATCH", "/twins/dev1", {"properties": {"desired": {"mode": "eco", "gone": 1}}})
+    assert st == 200, body
+    wait_for(lambda: json.loads(subprocess.run(
+        [test_mqtt.FIELDHUBCTL, "--socket", f"{gw.d}/admin.sock", "--json", "twin", "show", "dev1"],
+        capture_output=True, text=True, timeout=30).stdout or "{}").get("properties", {}).get("desired", {})
+        .get("gone") == 1, what="the live desired patch at the gateway")
+    c1.close()
+    gw.stop()
+    st, _, body = cloud.req("PUT", "/twins/dev1", {"properties": {"desired": {"mode": "boost", "level": 3}}})
+    assert st == 200, body
+    gw.start()
+    c1 = gw.device("dev1")
+    c1.c.subscribe("$iothub/twin/PATCH/properties/desired/#", 0)
+    c1.c.subscribe("$iothub/twin/res/#", 0)
+    time.sleep(0.3)
+
+    def local_desired():
+        c1.c.publish("$iothub/twin/GET/?$rid=77", b"", qos=0)
+        try:
+            m = c1.wait_msgs(1, timeout=2, pred=lambda m: "$rid=77" in m.topic)[-1]
+        except AssertionError:
+            return None
+        with c1.lock:
+            c1.msgs = [x for x in c1.msgs if "$rid=77" not in x.topic]
+        d = json.loads(m.payload)["desired"]
+        return d if d.get("mode") == "boost" else None
+    d = wait_for(local_desired, timeout=20, what="the cloud's desired properties at the gateway")
+    assert d.get("level") == 3 and "gone" not in d, d
+
+    # Outage: the cloud stops while 10,000 messages arrive; then all are delivered, in order
+    # per device. kill -9 of the gateway during the drain loses nothing.
+    cloud.stop()
+    gw.daemon.wait_log(r"Upstream: dev1 cannot reach", timeout=20)
+    c2 = gw.device("dev2")
+    N = 5000
+    t0 = time.monotonic()
+    th = threading.Thread(target=publish_many, args=(c2, "dev2", N))
+    th.start()
+    publish_many(c1, "dev1", N)
+    th.join(120)
+    t_in = time.monotonic() - t0
+    c1.close()
+    c2.close()
+    backlog = gw.endpoint()["backlog"]["count"]
+    assert backlog >= 2 * N, gw.endpoint()
+    cloud.start()
+    t1 = time.monotonic()
+    # Kill -9 of the gateway once the drain is under way.
+    wait_for(lambda: gw.endpoint()["backlog"]["count"] < 2 * N - 500, timeout=30, what="the drain to start")
+    t_start = time.monotonic() - t1
+    gw.daemon.proc.kill()
+    gw.daemon.proc.wait(10)
+    gw.start()
+    wait_for(lambda: gw.endpoint()["backlog"]["count"] == 0, timeout=120, what="the backlog to drain")
+    t_drain = time.monotonic() - t1
+    def complete(evs):
+        last = {}
+        for ev in evs:
+            n = ev["properties"]["application"].get("n")
+            if n is not None:
+                last[ev["origin"]] = max(last.get(ev["origin"], -1), int(n))
+        return last.get("dev1") == N - 1 and last.get("dev2") == N - 1
+    evs = events(cloud.d, done=complete, timeout=60)
+    per = check_order(evs, {"dev1": N, "dev2": N})
+    dups = sum(len(v) for v in per.values()) - 2 * N
+    print(f"upstream: {2 * N} messages in {t_in:.1f}s while the cloud was down; drain started "
+          f"{t_start:.2f}s after the cloud returned; backlog empty {t_drain:.1f}s after "
+          f"(with a kill -9 and restart of the gateway in between): {2 * N / t_drain:.0f} msg/s; "
+          f"{dups} duplicates", file=sys.stderr)
+    gw.stop()
+    for i in range(1, gw.runs + 1):
+        log = open(f"{gw.cfg}.{i}.stderr").read()
+        assert "Sanitizer" not in log and "runtime error" not in log, log[-3000:]
+    cloud.stop()
+
+
+# ---- mosquitto configured like IoT Hub -------------------------------------------------------
+
+def make_certs(d):
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.crt", "-days", "2", "-subj", "/CN=test CA"],
+                   check=True, capture_output=True)
+    write(f"{d}/ext.cnf", "subjectAltName=IP:127.0.0.1,DNS:gw.test.local\n")
+    subprocess.run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", f"{d}/srv.key", "-out", f"{d}/srv.csr", "-subj", "/CN=127.0.0.1"],
+                   check=True, capture_output=True)
+    subprocess.run(["openssl", "x509", "-req", "-in", f"{d}/srv.csr", "-CA", f"{d}/ca.crt", "-CAkey", f"{d}/ca.key",
+                    "-CAcreateserial", "-out", f"{d}/srv.crt", "-days", "2", "-extfile", f"{d}/ext.cnf"],
+                   check=True, capture_output=True)
+    os.chmod(f"{d}/srv.key", 0o644)
+
+
+class ConnectSpy:
+    """A TLS man in the middle the test controls (gateway -TLS-> spy -TLS-> mosquitto), which
+    records each MQTT CONNECT's client id, user name and password (mosquitto cannot check SAS
+    tokens, so the test checks what was sent)."""
+
+    def __init__(self, d, target_port):
+        import ssl
+        self.target_port, self.connects, self.socks = target_port, [], []
+        self.srv_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.srv_ctx.load_cert_chain(f"{d}/srv.crt", f"{d}/srv.key")
+        self.cli_ctx = ssl.create_default_context(cafile=f"{d}/ca.crt")
+        self.ls = socket.socket()
+        self.ls.bind(("127.0.0.1", 0))
+        self.ls.listen(16)
+        self.port = self.ls.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+        at_exit(self.close)
+
+    def close(self):
+        for x in [self.ls] + self.socks:
+            try:
+                x.close()
+            except OSError:
+                pass
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.ls.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    @staticmethod
+    def _read_packet(s):
+        hdr = s.recv(1)
+        if not hdr:
+            raise OSError("closed")
+        mult, length, raw = 1, 0, b""
+        while True:
+            b = s.recv(1)
+            raw += b
+            length += (b[0] & 127) * mult
+            mult *= 128
+            if not b[0] & 128:
+                break
+        body = b""
+        while len(body) < length:
+            chunk = s.recv(length - len(body))
+            if not chunk:
+                raise OSError("closed")
+            body += chunk
+        return hdr + raw + body, body
+
+    def _serve(self, c):
+        try:
+            t = self.srv_ctx.wrap_socket(c, server_side=True)
+            pkt, body = self._read_packet(t)
+            # CONNECT: protocol name, level, flags, keep-alive, then client id, user, password.
+            pos = 2 + body[0] * 256 + body[1]
+            flags = body[pos + 1]
+            pos += 4
+
+            def field():
+                nonlocal pos
+                n = body[pos] * 256 + body[pos + 1]
+                v = body[pos + 2:pos + 2 + n]
+                pos += 2 + n
+                return v.decode()
+            cid = field()
+            user = field() if flags & 0x80 else None
+            pw = field() if flags & 0x40 else None
+            self.connects.append((cid, user, pw))
+            u = self.cli_ctx.wrap_socket(socket.create_connection(("127.0.0.1", self.target_port)),
+                                         server_hostname="127.0.0.1")
+            self.socks += [t, u]
+            u.sendall(pkt)
+
+            def pump(a, b):
+                try:
+                    while True:
+                        data = a.recv(65536)
+                        if not data:
+                            break
+                        b.sendall(data)
+                except OSError:
+                    pass
+                for x in (a, b):
+                    try:
+                        x.close()
+                    except OSError:
+                        pass
+            threading.Thread(target=pump, args=(u, t), daemon=True).start()
+            pump(t, u)
+        except (OSError, IndexError):
+            c.close()
+
+
+def check_sas(dev, token):
+    import hashlib
+    import hmac
+    import urllib.parse
+    fields = dict(x.split("=", 1) for x in token[len("SharedAccessSignature "):].split("&"))
+    assert token.startswith("SharedAccessSignature ") and set(fields) == {"sr", "sig", "se"}, token
+    assert fields["sr"] == urllib.parse.quote(f"{CLOUD}/devices/{dev}", safe=""), fields["sr"]
+    se = int(fields["se"])
+    assert time.time() + 3000 < se < time.time() + 3700, se   # token_ttl 1h by default
+    mac = hmac.new(base64.b64decode(KEYS[dev]), f"{fields['sr']}\n{se}".encode(), hashlib.sha256).digest()
+    assert urllib.parse.unquote(fields["sig"]) == base64.b64encode(mac).decode(), token
+
+
+def test_mosquitto():
+    d = tmpdir()
+    make_certs(d)
+    tls_port, plain_port = free_port(), free_port()
+    acl = "user observer\ntopic read #\ntopic read $iothub/#\n\n"
+    for dev in KEYS:
+        acl += (f"user {CLOUD}/{dev}/{UA}\n"
+                f"topic write devices/{dev}/messages/events/#\n"
+                f"topic read devices/{dev}/messages/devicebound/#\n"
+                "topic readwrite $iothub/twin/#\ntopic readwrite $iothub/methods/#\n\n")
+    write(f"{d}/acl", acl, 0o644)
+    # As root, mosquitto would drop to the mosquitto user, who cannot read this private directory.
+    user = "user root\n" if os.geteuid() == 0 else ""
+    cfg = write(f"{d}/mosquitto.conf", f"""{user}per_listener_settings false
+allow_anonymous true
+acl_file {d}/acl
+log_dest file {d}/mosquitto.log
+log_type all
+connection_messages true
+listener {tls_port} 127.0.0.1
+cafile {d}/ca.crt
+certfile {d}/srv.crt
+keyfile {d}/srv.key
+tls_version tlsv1.2
+listener {plain_port} 127.0.0.1
+""", 0o644)
+    broker = subprocess.Popen([MOSQUITTO, "-c", cfg], stdout=subprocess.DEVNULL,
+                              stderr=open(f"{d}/mosquitto.stderr", "wb"))
+
+    def stop_broker():
+        if broker.poll() is None:
+            os.kill(broker.pid, signal.SIGTERM)
+            broker.wait(10)
+    at_exit(stop_broker)
+    def up():
+        try:
+            socket.create_connection(("127.0.0.1", plain_port), 0.5).close()
+            return True
+        except OSError:
+            return False
+    try:
+        wait_for(up, timeout=10, what="mosquitto")
+    except AssertionError:
+        print(open(f"{d}/mosquitto.stderr").read(), file=sys.stderr)
+        raise
+
+    seen, lock = [], threading.Lock()
+    sub = mqtt.Client(client_id="observer", clean_session=True, protocol=mqtt.MQTTv311)
+    sub.username_pw_set("observer")
+    ready = threading.Event()
+    sub.on_connect = lambda c, u, f, rc: (c.subscribe([("#", 1), ("$iothub/#", 0)]), ready.set())
+
+    def on_msg(c, u, m):
+        with lock:
+            seen.append((m.topic, m.payload))
+    sub.on_message = on_msg
+    sub.connect("127.0.0.1", plain_port, 30)
+    sub.loop_start()
+    at_exit(sub.loop_stop)
+    assert ready.wait(10)
+    time.sleep(0.3)
+
+    class FakeCloud:
+        pass
+    fc = FakeCloud()
+    spy = ConnectSpy(d, tls_port)
+    fc.mport, fc.ca = spy.port, f"{d}/ca.crt"
+    gw = Gateway(fc)
+    wait_for(lambda: "Upstream: dev1 connected" in gw.daemon.log() and "Upstream: dev2 connected" in gw.daemon.log(),
+             what="both devices connected to mosquitto")
+    c1 = gw.device("dev1")
+    publish_many(c1, "dev1", 20, props="&%24.ct=application%2Fjson")
+    c1.c.publish("$iothub/twin/PATCH/properties/reported/?$rid=5", b'{"x": 1}', qos=0)
+    got = wait_for(lambda: [t for t in list(seen) if t[0].startswith("devices/dev1/messages/events/")][:20]
+                   if len([t for t in list(seen) if t[0].startswith("devices/dev1/messages/events/")]) >= 20 else None,
+                   what="20 messages at mosquitto")
+    # Only what a device may set: no $.cdid or other properties this hub stamped.
+    for i, (topic, payload) in enumerate(got):
+        assert topic == f"devices/dev1/messages/events/%24.ct=application%2Fjson&n={i}", topic
+        assert payload == b'{"i": %d}' % i, payload
+    # The twin GET after connecting and the reported patch (no IoT Hub answers them here).
+    wait_for(lambda: any(t.startswith("$iothub/twin/PATCH/properties/reported/?$rid=r") and p == b'{"x":1}'
+                         for t, p in list(seen)), what="the reported patch at mosquitto")
+    assert any(re.match(r"\$iothub/twin/GET/\?\$rid=g\d+$", t) for t, p in list(seen)), seen[-5:]
+    log = open(f"{d}/mosquitto.log").read()
+    for dev in KEYS:
+        assert re.search(rf"New client connected from 127\.0\.0\.1:\d+ as {dev} \(p2, c1, k240, "
+                         rf"u'{re.escape(CLOUD)}/{dev}/{re.escape(UA)}'\)", log), log[-3000:]
+    assert "Denied" not in log, [x for x in log.splitlines() if "Denied" in x]
+    # Client id = device id, user name {cloud host}/{id}/?api-version=..., password a SAS
+    # token for {cloud host}/devices/{id} signed with the device's upstream key.
+    assert sorted(c[0] for c in spy.connects) == ["dev1", "dev2"], spy.connects
+    for cid, user, pw in spy.connects:
+        assert user == f"{CLOUD}/{cid}/{UA}", user
+        check_sas(cid, pw)
+    c1.close()
+    gw.stop()
+    stop_broker()
+
+
+def test_config_errors():
+    d = tmpdir()
+    write(f"{d}/bad.key", "not base64!\n")
+    write(f"{d}/good.key", KEYS["dev1"] + "\n")
+
+    def check(ep, *patterns):
+        cfg = write(f"{d}/fieldhub.yaml", test_api.config(d, f"endpoints:\n  - name: cloud\n    type: upstream\n{ep}"))
+        p = subprocess.run([test_api.FIELDHUBD, "--check-config", "--config", cfg], capture_output=True, text=True,
+                           timeout=30)
+        assert p.returncode == 78, (p.returncode, p.stderr)
+        for pat in patterns:
+            assert re.search(pat, p.stderr), (pat, p.stderr)
+    check("    host_name: nodots\n    devices: [{id: dev1, key_file: %s/good.key}]\n" % d,
+          r"fieldhub\.yaml:\d+:\d+: .*host_name.*at least one dot")
+    check("    host_name: hub.example.net\n", r"devices")
+    check("    host_name: hub.example.net\n    devices: []\n", r"at least one device")
+    check("    host_name: hub.example.net\n    devices: [{id: dev1, key_file: %s/bad.key}]\n" % d,
+          r"key of device \"dev1\" is not the base64")
+    check("    host_name: hub.example.net\n    devices: [{id: dev1, key_file: %s/good.key}, "
+          "{id: dev1, key_file: %s/good.key}]\n" % (d, d), r"\"dev1\" again")
+    check("    host_name: hub.example.net\n    gateway_host: \"h:1\"\n    topic: x\n"
+          "    devices: [{id: dev1, key_file: %s/good.key}]\n" % d, r"gateway_host", r"topic")
+
+
+if __name__ == "__main__":
+    main([test_config_errors, test_mosquitto, test_cloud])

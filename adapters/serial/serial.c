@@ -123,8 +123,11 @@ static void report(struct sdev *d) {
 
 static void set_state(struct sdev *d, enum adp_device_state st, const char *why) {
         struct sa *a = d->a;
-        if (why)
-                snprintf(d->last_error, sizeof d->last_error, "%s", why);
+        if (why) {
+                size_t l = strnlen(why, sizeof d->last_error - 1);
+                memcpy(d->last_error, why, l);
+                d->last_error[l] = 0;
+        }
         if (d->state == st && st == ADP_DEVICE_ONLINE)
                 return;
         d->state = st;

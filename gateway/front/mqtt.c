@@ -66,6 +66,11 @@ struct gw_mqtt {
         uint32_t rate; /* messages per second per connection, 0 = unlimited */
         struct gw_mqtt_stats stats;
         bool freeing;  /* gw_mqtt_free() ran: the hub may be gone, touch nothing of it */
+        /* PUBACKs made sendable by store completions are flushed once per loop iteration,
+         * so one group commit costs each connection one TLS record, not one per message. */
+        sd_event_source *flush_src;
+        struct mconn **dirty;
+        size_t n_dirty, dirty_cap;
         size_t n_mconn; /* connection objects alive (completions may keep them after close) */
 };
 
@@ -106,6 +111,7 @@ struct mconn {
         struct ack_slot *acks;
         unsigned ack_head, ack_n;
         bool held;
+        bool ack_dirty; /* in m->dirty, waiting for the flush */
         /* throttling (token bucket) */
         double tokens;
         uint64_t tokens_at_usec, throttle_until_usec;
@@ -311,6 +317,47 @@ static void ack_flush(struct mconn *mc) {
         update_hold(mc);
 }
 
+static int on_ack_flush(sd_event_source *s, void *userdata) {
+        struct gw_mqtt *m = userdata;
+        struct mconn **list = m->dirty;
+        size_t n = m->n_dirty;
+
+        m->dirty = NULL;
+        m->n_dirty = m->dirty_cap = 0;
+        for (size_t i = 0; i < n; i++) {
+                struct mconn *mc = list[i];
+                mc->ack_dirty = false;
+                if (mc->c)
+                        ack_flush(mc);
+                mconn_unref(mc);
+        }
+        free(list);
+        return 0;
+}
+
+static void schedule_ack_flush(struct mconn *mc) {
+        struct gw_mqtt *m = mc->m;
+        if (mc->ack_dirty)
+                return;
+        if (m->freeing || !m->flush_src)
+                goto now;
+        if (m->n_dirty == m->dirty_cap) {
+                size_t cap = m->dirty_cap ? m->dirty_cap * 2 : 64;
+                struct mconn **d = realloc(m->dirty, cap * sizeof *d);
+                if (!d)
+                        goto now;
+                m->dirty = d;
+                m->dirty_cap = cap;
+        }
+        if (sd_event_source_set_enabled(m->flush_src, SD_EVENT_ONESHOT) < 0)
+                goto now;
+        mc->ack_dirty = true;
+        m->dirty[m->n_dirty++] = mconn_ref(mc);
+        return;
+now:
+        ack_flush(mc);
+}
+
 struct append_ctx {
         struct mconn *mc;
         unsigned index; /* slot index, or UINT_MAX for QoS 0 */
@@ -325,7 +372,7 @@ static void append_done(int result, uint64_t seq, void *ud) {
                         (void) mconn_fail(mc, LOG_WARNING, "the message could not be stored: %s", strerror(-result));
                 else {
                         mc->acks[ac->index].done = true;
-                        ack_flush(mc);
+                        schedule_ack_flush(mc);
                 }
         } else if (result < 0)
                 gw_log_full(LOG_WARNING, result, GW_FIELDS(.component = "mqtt", .device = mc->device_id),
@@ -1245,6 +1292,10 @@ int gw_mqtt_new(sd_event *e, struct gw_hub *hub, const struct gw_config *cfg, co
         m->event = sd_event_ref(e);
         m->hub = hub;
         m->host_names = host_names;
+        /* Off until a completion makes a PUBACK sendable (then one-shot). Without it every
+         * PUBACK is sent at once; that is correct, only slower. */
+        if (sd_event_add_defer(e, &m->flush_src, on_ack_flush, m) >= 0)
+                (void) sd_event_source_set_enabled(m->flush_src, SD_EVENT_OFF);
         m->max_inflight = cfg->mqtt_max_inflight ? cfg->mqtt_max_inflight : GW_CONFIG_MQTT_MAX_INFLIGHT_DEFAULT;
         m->max_packet = cfg->mqtt_max_packet_bytes ? cfg->mqtt_max_packet_bytes : GW_MQTT_DEVICE_MAX_PACKET;
         m->max_ka_timeout_usec = cfg->mqtt_max_keep_alive_timeout_usec;
@@ -1304,11 +1355,23 @@ int gw_mqtt_new(sd_event *e, struct gw_hub *hub, const struct gw_config *cfg, co
         return 0;
 }
 
+static struct mconn **mfree_dirty(struct mconn **d) {
+        free(d);
+        return NULL;
+}
+
 struct gw_mqtt *gw_mqtt_free(struct gw_mqtt *m) {
         if (!m)
                 return NULL;
         m->freeing = true;
         m->n_mconn++; /* the connections closed below must not free m under us */
+        m->flush_src = sd_event_source_disable_unref(m->flush_src);
+        for (size_t i = 0; i < m->n_dirty; i++) {
+                m->dirty[i]->ack_dirty = false;
+                mconn_unref(m->dirty[i]);
+        }
+        m->dirty = mfree_dirty(m->dirty);
+        m->n_dirty = m->dirty_cap = 0;
         if (m->hub && m->hub->c2d_available_ud == m) {
                 m->hub->c2d_available = NULL;
                 m->hub->c2d_available_ud = NULL;

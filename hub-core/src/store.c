@@ -887,7 +887,7 @@ static void store_free(struct hub_store *s) {
  * persistent in SQLite: they are applied at every open, after the writes of the open itself
  * (so that a store at its budget still opens). */
 static int apply_budget(const struct hub_store_options *opts, struct hub_store *s) {
-        int64_t page_size = 4096, pages = 0, v;
+        int64_t page_size = 4096, pages = 0, v = 0;
         uint64_t wal_share = 64ull * 1024 * 1024;
         char sql[128];
         int rc;

@@ -694,7 +694,9 @@ def read_all_events(hub, device=None, quiet=1.0):
     if device:
         args["device"] = device
     s.sendall((json.dumps({"cmd": "monitor-events", "args": args}) + "\n").encode())
-    s.settimeout(quiet)
+    # The first event may take a while (a sanitizer build scanning a large stream); after
+    # that, `quiet` seconds without data mean the stream has been read to its end.
+    s.settimeout(max(quiet, 20.0))
     buf = b""
     try:
         while True:
@@ -702,6 +704,8 @@ def read_all_events(hub, device=None, quiet=1.0):
             if not b:
                 break
             buf += b
+            if buf.count(b"\n") >= 2:  # the acknowledgement and at least one event
+                s.settimeout(quiet)
     except socket.timeout:
         pass
     s.close()

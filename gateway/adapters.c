@@ -73,6 +73,7 @@ struct gw_adev {
         bool report_inflight;
         bool gone;              /* removed while a twin update was in flight: free on its completion */
         uint64_t dropped;
+        bool c2d_busy;          /* a C2D message is being received or is with the adapter */
 };
 
 struct gw_adapter {
@@ -150,6 +151,11 @@ static uint64_t now_mono(void) {
         struct timespec ts;
         clock_gettime(CLOCK_MONOTONIC, &ts);
         return (uint64_t) ts.tv_sec * USEC_PER_SEC + (uint64_t) ts.tv_nsec / 1000;
+}
+
+/* The C2D queue works in wall-clock time (expiry, locks). */
+static uint64_t now_wall(void) {
+        return hub_clock_now(hub_clock_system());
 }
 
 /* ---- config item text (change detection) ------------------------------------------------- */
@@ -276,6 +282,8 @@ static void cmd_done(struct gw_pending_cmd *c) {
         free(c->lock_token);
 }
 
+static void c2d_pump(struct gw_adev *d);
+
 static void answer_cmd(struct gw_adapters *g, struct gw_pending_cmd *c, int status, const char *json) {
         struct gw_adev *d = find_dev(g, c->device);
         switch (c->kind) {
@@ -289,10 +297,15 @@ static void answer_cmd(struct gw_adapters *g, struct gw_pending_cmd *c, int stat
                 }
                 break;
         case ADP_CMD_C2D:
+                /* Settled in submission order, so the next receive sees this one gone. */
                 if (status < 300)
-                        (void) hub_queue_complete(g->hub->queue, c->device, c->lock_token, now_mono(), NULL, NULL);
+                        (void) hub_queue_complete(g->hub->queue, c->device, c->lock_token, now_wall(), NULL, NULL);
                 else
-                        (void) hub_queue_reject(g->hub->queue, c->device, c->lock_token, now_mono(), NULL, NULL);
+                        (void) hub_queue_reject(g->hub->queue, c->device, c->lock_token, now_wall(), NULL, NULL);
+                if (d) {
+                        d->c2d_busy = false;
+                        c2d_pump(d);
+                }
                 break;
         case ADP_CMD_DESIRED:
                 if (status >= 300)
@@ -342,6 +355,64 @@ static int sess_deliver_c2d(void *ud, struct hub_msg *m, const char *lock_token)
         if (!text)
                 return -ENOMEM;
         return submit(d, ADP_CMD_C2D, NULL, text, 0, NULL, lock_token, m);
+}
+
+/* Cloud-to-device messages for adapter devices: one at a time per device, taken from the
+ * durable queue when the queue says something is deliverable, when the device comes online,
+ * and after the previous one was settled by the adapter's command result (200..299
+ * completes, anything else rejects: the message is dead-lettered with negative feedback). */
+struct c2d_recv {
+        struct gw_adapters *g;
+        char *device;
+};
+
+static void c2d_received(int r, const struct hub_queue_delivery *dl, void *userdata) {
+        struct c2d_recv *cr = userdata;
+        struct gw_adev *d = find_dev(cr->g, cr->device);
+        if (!d) {
+                /* Gone meanwhile: the lock expires and the message returns to the queue. */
+                free(cr->device);
+                free(cr);
+                return;
+        }
+        if (r < 0 || !dl) {
+                d->c2d_busy = false;
+                if (r < 0 && r != -ENOENT)
+                        gw_log_full(LOG_WARNING, r, GW_FIELDS(.component = "adapter", .device = d->id),
+                                    "Cannot receive a cloud-to-device message for %s: %m", d->id);
+        } else if (!d->session || sess_deliver_c2d(d, dl->msg, dl->lock_token) < 0) {
+                (void) hub_queue_abandon(cr->g->hub->queue, d->id, dl->lock_token, now_wall(), NULL, NULL);
+                d->c2d_busy = false;
+        }
+        free(cr->device);
+        free(cr);
+}
+
+static void c2d_pump(struct gw_adev *d) {
+        struct gw_adapters *g = d->g;
+        if (d->c2d_busy || !d->session || d->state != ADP_DEVICE_ONLINE || !d->owner || !d->owner->started ||
+            !g->hub || !g->hub->queue)
+                return;
+        struct c2d_recv *cr = calloc(1, sizeof *cr);
+        if (!cr || !(cr->device = strdup(d->id))) {
+                free(cr);
+                return;
+        }
+        cr->g = g;
+        d->c2d_busy = true;
+        int r = hub_queue_receive(g->hub->queue, d->id, 0, now_wall(), c2d_received, cr);
+        if (r < 0) {
+                d->c2d_busy = false;
+                free(cr->device);
+                free(cr);
+        }
+}
+
+static void c2d_available_hook(void *ud, const char *device_id) {
+        struct gw_adapters *g = ud;
+        struct gw_adev *d = find_dev(g, device_id);
+        if (d)
+                c2d_pump(d);
 }
 
 static int sess_desired(void *ud, const char *json_patch, int64_t version) {
@@ -655,6 +726,9 @@ static void host_device_state(void *host, const char *id, enum adp_device_state 
                                       .message_id = GW_MSG_DEVICE_DISCONNECTED, .event = "adapter-device-offline",
                                       .no_ratelimit = old != state),
                             "Adapter device %s is %s: %s", id, state_name(state), why ? why : "no reason given");
+        /* Commands queued while it was away are delivered now that it answers again. */
+        if (state == ADP_DEVICE_ONLINE)
+                c2d_pump(d);
 }
 
 static int host_emit(void *host, const char *id, struct hub_msg *m);
@@ -994,6 +1068,8 @@ int gw_adapters_start(sd_event *e, struct gw_hub *hub, const struct gw_config *c
                 return -ENOMEM;
         g->event = sd_event_ref(e);
         g->hub = hub;
+        hub->adapters_c2d_available = c2d_available_hook;
+        hub->adapters_c2d_available_ud = g;
         for (size_t i = 0; i < c->n_adapters; i++) {
                 int r = add_adapter(g, &c->adapters[i]);
                 if (r == -ENOMEM) {
@@ -1080,6 +1156,10 @@ int gw_adapters_reload(struct gw_adapters *g, const struct gw_config *nc) {
 struct gw_adapters *gw_adapters_stop(struct gw_adapters *g) {
         if (!g)
                 return NULL;
+        if (g->hub && g->hub->adapters_c2d_available_ud == g) {
+                g->hub->adapters_c2d_available = NULL;
+                g->hub->adapters_c2d_available_ud = NULL;
+        }
         for (size_t i = g->n_adapters; i > 0; i--)
                 adapter_free(g->adapters[i - 1]);
         free(g->adapters);

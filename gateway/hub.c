@@ -91,6 +91,8 @@ static void on_c2d_available(void *userdata, const char *device_id) {
                 h->c2d_available(h->c2d_available_ud, device_id);
         if (h->coap_c2d_available)
                 h->coap_c2d_available(h->coap_c2d_available_ud, device_id);
+        if (h->adapters_c2d_available)
+                h->adapters_c2d_available(h->adapters_c2d_available_ud, device_id);
 }
 
 static void on_desired(void *userdata, const char *device_id, const json_t *patch, int64_t version) {

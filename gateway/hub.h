@@ -46,6 +46,9 @@ struct gw_hub {
         /* The same for the CoAP front-end (front/coap.c), which runs beside MQTT. */
         void (*coap_c2d_available)(void *ud, const char *device_id);
         void *coap_c2d_available_ud;
+        /* The same for adapter devices (adapters.c). */
+        void (*adapters_c2d_available)(void *ud, const char *device_id);
+        void *adapters_c2d_available_ud;
         /* Set by the MQTT front-end for the metrics endpoint (struct gw_mqtt_stats, front/mqtt.h). */
         const struct gw_mqtt_stats *mqtt_stats;
 

@@ -127,7 +127,6 @@ struct api_device *api_get_device(struct gw_api *api);
 char *const *api_host_names(struct gw_api *api); /* NULL-terminated: host_name, then aliases */
 struct gw_net_conn;
 struct gw_net_conn *api_req_net_conn(struct api_req *req); /* NULL: internal, or the connection closed */
-const char *api_route_name_of(struct api_req *req);
 /* Authenticates a request to a device route (blob: the upload SAS in the query instead of the
  * device's credentials). Returns true to go on; false when the answer (401/404/...) was sent
  * (req is gone). */

@@ -161,9 +161,7 @@ char *const *api_host_names(struct gw_api *api) {
 struct api_device *api_get_device(struct gw_api *api) {
         return api ? api->device : NULL;
 }
-const char *api_route_name_of(struct api_req *req) {
-        return req->route >= 0 ? routes[req->route].name : "(no route)";
-}
+
 
 /* Whether the decoded segments match pattern; literal segments case-insensitively (IoT Hub
  * clients write serviceBound / servicebound). A final "**" matches one or more segments. */

@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <arpa/inet.h>
+#include <sys/epoll.h>
 #include <netinet/in.h>
 
 #include <coap3/coap.h>
@@ -95,6 +96,10 @@ struct cdev {
         struct hub_msg *ahead;
         char ahead_lock[HUB_QUEUE_LOCK_TOKEN_MAX + 1];
         bool receiving, queue_empty;
+        /* The queue may hold a deliverable command (cleared by an empty receive, set by the
+         * queue's on_available hook and at each new session): a telemetry POST only tries a
+         * piggy-back receive when it is set. */
+        bool c2d_maybe;
         struct fetch *fetch;       /* the queue read in flight (outlives the cdev) */
         struct call calls[MAX_PENDING_CALLS];
         size_t n_calls;
@@ -511,6 +516,7 @@ static int csess_register(struct csess *cs, struct cdev *d) {
         if (r < 0)
                 return r;
         d->cs = cs;
+        d->c2d_maybe = true;
         cs->authenticated = true;
         co->stats.sessions_open++;
         gw_log_full(LOG_INFO, 0,
@@ -813,6 +819,8 @@ static int stamp(struct csess *cs, struct hub_msg *msg) {
 
 static void receive_for_op_done(int r, const struct hub_queue_delivery *dl, void *ud) {
         struct op *o = ud;
+        if (r >= 0 && !dl && o->cs && o->cs->dev)
+                o->cs->dev->c2d_maybe = false;
         if (r >= 0 && dl) {
                 if (o->cs && !o->cs->co->freeing) {
                         o->cmd = hub_msg_ref(dl->msg);
@@ -834,7 +842,7 @@ static void telemetry_done(int result, uint64_t seq, void *ud) {
                 gw_log_full(LOG_WARNING, result, GW_FIELDS(.component = "coap", .device = o->cs ? dev_name(o->cs) : NULL),
                             "CoAP: a message of device %s could not be stored: %m", o->cs ? dev_name(o->cs) : "-");
         /* Piggy-back: a device that only wakes to send gets its next command in the answer. */
-        if (result >= 0 && o->cs && o->cs->dev && !o->cs->revoked && !o->cs->co->freeing &&
+        if (result >= 0 && o->cs && o->cs->dev && o->cs->dev->c2d_maybe && !o->cs->revoked && !o->cs->co->freeing &&
             hub_queue_receive(o->cs->co->hub->queue, o->cs->dev->id, 0, now_wall(), receive_for_op_done, o) >= 0)
                 return;
         op_trigger(o);
@@ -977,6 +985,8 @@ static void c2d_fetch_done(int r, const struct hub_queue_delivery *dl, void *ud)
                         gw_log_full(LOG_WARNING, r, GW_FIELDS(.component = "coap", .device = d->id),
                                     "CoAP: cannot read the C2D queue of %s: %m", d->id);
                 d->queue_empty = true;
+                if (r >= 0)
+                        d->c2d_maybe = false;
                 return;
         }
         if (!d->cs || !d->cmd_observed) {
@@ -1011,6 +1021,7 @@ static void on_c2d_available(void *ud, const char *device_id) {
         if (!d)
                 return;
         d->queue_empty = false;
+        d->c2d_maybe = true;
         c2d_fetch(d);
 }
 
@@ -1467,28 +1478,45 @@ static void check_handshakes(struct gw_coap *co) {
 static void run(struct gw_coap *co) {
         if (!co->ctx)
                 return;
+        /* libcoap's own timers (retransmissions, session timeouts, asyncs) are a timerfd
+         * inside its epoll fd: no re-arming here (timerfd_settime per request was the largest
+         * cost under load). */
         (void) coap_io_process(co->ctx, COAP_IO_NO_WAIT);
         disconnect_pending(co);
-        check_handshakes(co);
-        /* libcoap's own timers (retransmissions, session timeouts) are behind its fd; this is a backstop. */
-        coap_tick_t now;
-        coap_ticks(&now);
-        unsigned ms = coap_io_prepare_epoll(co->ctx, now);
-        if (co->timer) {
-                if (ms == 0 || ms > 1000) /* at least once a second: check_handshakes() */
-                        ms = 1000;
-                (void) sd_event_source_set_time(co->timer, now_mono() + (uint64_t) ms * USEC_PER_MSEC);
-                (void) sd_event_source_set_enabled(co->timer, SD_EVENT_ONESHOT);
-        }
 }
 
+/* Datagrams: handled straight from libcoap's epoll set (coap_io_do_epoll). The full
+ * coap_io_process() — asyncs to fire, observers to notify, the timer to re-arm — runs only
+ * when libcoap's timer fired or after a kick, not per datagram. */
 static int on_io(sd_event_source *s, int fd, uint32_t revents, void *ud) {
-        run(ud);
+        struct gw_coap *co = ud;
+        struct epoll_event ev[64];
+        bool timer = false;
+        int n = epoll_wait(fd, ev, 64, 0);
+        if (n <= 0) {
+                run(co);
+                return 0;
+        }
+        for (int i = 0; i < n; i++)
+                if (!ev[i].data.ptr)
+                        timer = true; /* libcoap's timerfd */
+        coap_tick_t now;
+        coap_ticks(&now);
+        coap_io_do_epoll(co->ctx, ev, (size_t) n);
+        if (timer)
+                run(co);
+        else
+                disconnect_pending(co);
         return 0;
 }
 
+/* Once a second: a backstop for libcoap's timers, and check_handshakes(). */
 static int on_timer(sd_event_source *s, uint64_t usec, void *ud) {
-        run(ud);
+        struct gw_coap *co = ud;
+        run(co);
+        check_handshakes(co);
+        (void) sd_event_source_set_time(s, usec + USEC_PER_SEC);
+        (void) sd_event_source_set_enabled(s, SD_EVENT_ON);
         return 0;
 }
 
@@ -1630,7 +1658,7 @@ int gw_coap_new(sd_event *e, struct gw_hub *hub, const struct gw_config *cfg, st
         }
         r = sd_event_add_io(e, &co->io, fd, EPOLLIN, on_io, co);
         if (r >= 0)
-                r = sd_event_add_time(e, &co->timer, CLOCK_BOOTTIME, now_mono() + USEC_PER_SEC, 10 * USEC_PER_MSEC,
+                r = sd_event_add_time(e, &co->timer, CLOCK_BOOTTIME, now_mono() + USEC_PER_SEC, 100 * USEC_PER_MSEC,
                                       on_timer, co);
         if (r >= 0)
                 r = sd_event_add_defer(e, &co->kick, on_kick, co);

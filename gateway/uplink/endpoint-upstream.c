@@ -43,10 +43,14 @@
  *     version are applied as they come.
  *
  * Start-up also makes the local identity of every configured device use the same key (created
- * when missing), so one connection string works both here and in the cloud. */
+ * when missing), so one connection string works both here and in the cloud. With
+ * create_missing, a device the cloud refuses (CONNACK 5) is created there once through the
+ * registry REST API (PUT /devices/{id}, reference §5.2, a policy token) on a short-lived
+ * thread (blocking libcurl, 10 s at most, joined on destroy), then reconnects. */
 
 #include <errno.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -54,6 +58,7 @@
 #include <unistd.h>
 
 #include <MQTTAsync.h>
+#include <curl/curl.h>
 #include <jansson.h>
 #include <systemd/sd-event.h>
 
@@ -76,7 +81,8 @@
 #define UP_CLIENT_TYPE "fieldhub%2F0.1"
 #define UP_CTX_RING 16u
 
-enum ev_kind { EV_CONNECTED, EV_CONNECT_FAILED, EV_LOST, EV_SUBSCRIBED, EV_PUB_OK, EV_PUB_FAILED, EV_ARRIVED };
+enum ev_kind { EV_CONNECTED, EV_CONNECT_FAILED, EV_LOST, EV_SUBSCRIBED, EV_PUB_OK, EV_PUB_FAILED, EV_ARRIVED,
+               EV_CREATED };
 enum dev_state { DEV_IDLE, DEV_CONNECTING, DEV_UP, DEV_BACKOFF };
 
 struct up_ep;
@@ -126,6 +132,9 @@ struct up_dev {
         unsigned get_rid;              /* rid of the twin GET under way (0: none) */
         bool twin_synced;
         int64_t cloud_desired_version;
+        /* create_missing: one registry request at a time, on its own thread */
+        pthread_t create_thread;
+        bool creating, create_tried;
 };
 
 struct up_ep {
@@ -139,6 +148,7 @@ struct up_ep {
         size_t n_devs;
         struct gw_paho_inbox *inbox;
         struct method_ctx *calls;
+        char *create_policy, *create_key, *registry_url;
         bool active;
 };
 
@@ -294,6 +304,8 @@ static void q_rewind(struct up_dev *d) {
 /* ---- connections --------------------------------------------------------------------------- */
 
 static void dev_connect(struct up_dev *d);
+static void create_identity(struct up_dev *d);
+static void on_created(struct up_dev *d, int status);
 
 static int on_timer(sd_event_source *s, uint64_t usec, void *ud) {
         struct up_dev *d = ud;
@@ -387,8 +399,7 @@ static void dev_connect(struct up_dev *d) {
                 hub_explicit_bzero(d->password, strlen(d->password));
                 free(d->password);
         }
-        d->password = token;
-        (void) gw_log_add_secret(token);
+        d->password = token; /* never logged (not registered as a log secret: one per connection would pile up) */
         o.keepAliveInterval = u->keep_alive_sec;
         o.cleansession = 1;
         o.connectTimeout = u->timeout_sec;
@@ -835,7 +846,7 @@ static void on_event(void *ud, struct gw_paho_item *item) {
         char why[96];
 
         if (!u->active)
-                return;
+                return; /* (a creation thread is joined by destroy) */
         switch (e->kind) {
         case EV_CONNECTED:
                 if (e->gen != d->gen || d->state != DEV_CONNECTING)
@@ -861,6 +872,8 @@ static void on_event(void *ud, struct gw_paho_item *item) {
                 snprintf(why, sizeof why, "connect failed, paho code %d%s", e->code,
                          e->code == 5 ? ": not authorized" : e->code == 4 ? ": bad user name or password" : "");
                 dev_down(d, why);
+                if (e->code == 5 && u->create_policy && !d->create_tried && !d->creating)
+                        create_identity(d);
                 break;
         case EV_LOST:
                 if ((e->gen && e->gen != d->gen) || d->state != DEV_UP)
@@ -892,7 +905,121 @@ static void on_event(void *ud, struct gw_paho_item *item) {
         case EV_ARRIVED:
                 handle_arrived(d, e);
                 break;
+        case EV_CREATED:
+                on_created(d, e->code);
+                break;
         }
+}
+
+/* ---- create_missing: the cloud's registry REST API (reference §5.2) ------------------------ */
+
+struct create_req {
+        struct up_dev *d;
+        char *url, *body, *auth, *ca_file;
+};
+
+static void create_req_free(struct create_req *c) {
+        if (!c)
+                return;
+        free(c->url);
+        if (c->body) {
+                hub_explicit_bzero(c->body, strlen(c->body));
+                free(c->body);
+        }
+        if (c->auth) {
+                hub_explicit_bzero(c->auth, strlen(c->auth));
+                free(c->auth);
+        }
+        free(c->ca_file);
+        free(c);
+}
+
+static size_t discard(char *p, size_t size, size_t n, void *ud) {
+        return size * n;
+}
+
+/* Its own thread (a blocking request, 10 s at most): PUT /devices/{id}. Posts EV_CREATED with
+ * the HTTP status (or -1 when no answer). */
+static void *create_thread(void *arg) {
+        struct create_req *c = arg;
+        struct curl_slist *h = NULL;
+        long status = -1;
+        CURL *curl = curl_easy_init();
+        if (curl) {
+                h = curl_slist_append(h, "Content-Type: application/json");
+                h = curl_slist_append(h, c->auth);
+                curl_easy_setopt(curl, CURLOPT_URL, c->url);
+                curl_easy_setopt(curl, CURLOPT_CUSTOMREQUEST, "PUT");
+                curl_easy_setopt(curl, CURLOPT_POSTFIELDS, c->body);
+                curl_easy_setopt(curl, CURLOPT_HTTPHEADER, h);
+                curl_easy_setopt(curl, CURLOPT_TIMEOUT, 10L);
+                curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
+                curl_easy_setopt(curl, CURLOPT_PROTOCOLS_STR, "https");
+                curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, discard);
+                if (c->ca_file)
+                        curl_easy_setopt(curl, CURLOPT_CAINFO, c->ca_file);
+                if (curl_easy_perform(curl) == CURLE_OK)
+                        curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &status);
+                curl_slist_free_all(h);
+                curl_easy_cleanup(curl);
+        }
+        struct up_ev *e = ev_new(EV_CREATED, c->d, 0);
+        if (e) {
+                e->code = (int) status;
+                gw_paho_inbox_post(c->d->u->inbox, &e->item);
+        }
+        create_req_free(c);
+        return NULL;
+}
+
+/* The cloud refused the device's credentials: create its identity there, once. */
+static void create_identity(struct up_dev *d) {
+        struct up_ep *u = d->u;
+        struct create_req *c = calloc(1, sizeof *c);
+        _cleanup_free_ char *token = NULL;
+        _cleanup_(json_decrefp) json_t *body = NULL;
+        int r;
+
+        if (!c)
+                return;
+        c->d = d;
+        body = json_pack("{s:s, s:{s:s, s:{s:s, s:s}}}", "deviceId", d->id, "authentication", "type", "sas",
+                         "symmetricKey", "primaryKey", d->key, "secondaryKey", d->key);
+        r = hub_sas_generate(u->host_name, u->create_key, (uint64_t) time(NULL) + 300, u->create_policy, &token);
+        if (r < 0 || !body || asprintf(&c->url, "%s/devices/%s?api-version=" UP_API_VERSION, u->registry_url, d->id) < 0 ||
+            asprintf(&c->auth, "Authorization: %s", token) < 0 || !(c->body = json_dumps(body, JSON_COMPACT)) ||
+            (u->ca_file && !(c->ca_file = strdup(u->ca_file)))) {
+                UP_LOG(d, LOG_WARNING, r < 0 ? r : -ENOMEM, "Upstream: cannot prepare the creation of %s in the cloud",
+                       d->id);
+                create_req_free(c);
+                return;
+        }
+        d->create_tried = true;
+        r = -pthread_create(&d->create_thread, NULL, create_thread, c);
+        if (r < 0) {
+                UP_LOG(d, LOG_WARNING, r, "Upstream: cannot start the creation of %s in the cloud: %m", d->id);
+                create_req_free(c);
+                return;
+        }
+        d->creating = true;
+        UP_LOG(d, LOG_NOTICE, 0, "Upstream: the cloud refused %s; creating its identity there (policy %s)", d->id,
+               u->create_policy);
+}
+
+static void on_created(struct up_dev *d, int status) {
+        (void) pthread_join(d->create_thread, NULL);
+        d->creating = false;
+        if (status == 200 || status == 201) {
+                UP_LOG(d, LOG_NOTICE, 0, "Upstream: created the identity of %s in the cloud with its key", d->id);
+                d->failures = 0;
+                if (d->state == DEV_BACKOFF)
+                        arm_timer(d, mono_now() + 100 * USEC_PER_MSEC);
+        } else if (status == 409)
+                UP_LOG(d, LOG_ERR, 0, "Upstream: %s exists in the cloud with other credentials: give it the key "
+                       "configured here", d->id);
+        else
+                UP_LOG(d, LOG_ERR, 0, "Upstream: the cloud's registry answered %d to the creation of %s", status,
+                       d->id);
 }
 
 /* ---- the transport ops -------------------------------------------------------------------- */
@@ -946,6 +1073,18 @@ static int up_create(struct gw_endpoint *ep, const struct gw_endpoint_conf *c, v
         u->username_tail = strdup("?api-version=" UP_API_VERSION "&DeviceClientType=" UP_CLIENT_TYPE);
         if (asprintf(&u->address, "ssl://%s:%u", c->gateway_host ? c->gateway_host : c->host_name, c->port) < 0)
                 u->address = NULL;
+        if (c->create_policy) {
+                (void) curl_global_init(CURL_GLOBAL_DEFAULT); /* before any request thread */
+                u->create_policy = strdup(c->create_policy);
+                u->create_key = strdup(c->create_key);
+                if (asprintf(&u->registry_url, "https://%s:%u", c->gateway_host ? c->gateway_host : c->host_name,
+                             c->create_port) < 0)
+                        u->registry_url = NULL;
+                if (!u->create_policy || !u->create_key || !u->registry_url) {
+                        up_destroy(u);
+                        return -ENOMEM;
+                }
+        }
         u->devs = calloc(c->n_devices, sizeof *u->devs);
         if (!u->host_name || !u->username_tail || !u->address || !u->devs || (c->ca_file && !u->ca_file)) {
                 up_destroy(u);
@@ -1087,6 +1226,9 @@ static void up_destroy(void *t) {
                         MQTTAsync_destroy(&d->client);
                 }
         }
+        for (size_t i = 0; i < u->n_devs; i++)
+                if (u->devs[i].creating)
+                        (void) pthread_join(u->devs[i].create_thread, NULL); /* at most its 10 s timeout */
         u->inbox = gw_paho_inbox_free(u->inbox);
         for (struct method_ctx *c = u->calls; c; c = c->next)
                 c->u = NULL; /* their completions only free them */
@@ -1110,6 +1252,14 @@ static void up_destroy(void *t) {
         free(u->address);
         free(u->username_tail);
         free(u->ca_file);
+        free(u->create_policy);
+        if (u->create_key) {
+                hub_explicit_bzero(u->create_key, strlen(u->create_key));
+                free(u->create_key);
+        }
+        if (u->registry_url)
+                curl_global_cleanup();
+        free(u->registry_url);
         free(u);
 }
 

@@ -29,7 +29,8 @@ static const char *const http_keys[] = { "url", "headers", "tls", "on_client_err
 static const char *const client_error_names[] = { "retry", "skip", NULL };
 static const char *const file_keys[] = { "file", "max_size", "max_files", "fsync", NULL };
 static const char *const upstream_keys[] = { "host_name", "gateway_host", "port", "tls", "keep_alive", "token_ttl",
-                                             "devices", NULL };
+                                             "devices", "create_missing", NULL };
+static const char *const create_missing_keys[] = { "policy", "key_file", "key_credential", "port", NULL };
 static const char *const upstream_tls_keys[] = { "ca_file", NULL };
 static const char *const upstream_device_keys[] = { "id", "key_file", "key_credential", NULL };
 static const char *const queue_keys[] = { "max_messages", "max_bytes", "overflow", "ttl", NULL };
@@ -90,6 +91,8 @@ static void endpoint_done(struct gw_endpoint_conf *ep) {
                 wipe_free(ep->devices[i].key);
         }
         free(ep->devices);
+        free(ep->create_policy);
+        wipe_free(ep->create_key);
         wipe_free(ep->fingerprint);
 }
 
@@ -330,6 +333,7 @@ static int fingerprint(struct gw_endpoint_conf *ep) {
                 ep->token_ttl_usec);
         for (size_t i = 0; i < ep->n_devices; i++)
                 fprintf(f, "|%s=%s", ep->devices[i].id, ep->devices[i].key);
+        fprintf(f, "|%s|%s|%u", strempty(ep->create_policy), strempty(ep->create_key), ep->create_port);
         fprintf(f, "|%d|%u", ep->client_error_skip, ep->client_error_tries);
         for (size_t i = 0; i < ep->n_headers; i++)
                 fprintf(f, "|%s=%s", ep->headers[i].name, ep->headers[i].value);
@@ -382,12 +386,23 @@ static int parse_upstream(struct gw_endpoint_conf *ep, const struct adp_conf_nod
                 ep->port = (unsigned) v;
         (void) adp_conf_get_duration(item, "keep_alive", false, 5 * USEC_PER_SEC, 1177 * USEC_PER_SEC, e,
                                      &ep->keep_alive_usec);
-        (void) adp_conf_get_duration(item, "token_ttl", false, 60 * USEC_PER_SEC, UINT64_C(365) * 86400 * USEC_PER_SEC,
+        (void) adp_conf_get_duration(item, "token_ttl", false, 10 * USEC_PER_SEC, UINT64_C(365) * 86400 * USEC_PER_SEC,
                                      e, &ep->token_ttl_usec);
         if (adp_conf_get_map(item, "tls", false, e, &sub) == 0) {
                 (void) adp_conf_check_keys(sub, upstream_tls_keys, e);
                 if ((r = get_abs_path(sub, "ca_file", e, &ep->ca_file)) < 0)
                         return r;
+        }
+        if (adp_conf_get_map(item, "create_missing", false, e, &sub) == 0) {
+                (void) adp_conf_check_keys(sub, create_missing_keys, e);
+                if ((r = get_str(sub, "policy", true, e, &ep->create_policy)) < 0)
+                        return r;
+                r = adp_conf_get_secret(sub, "key", true, e, &ep->create_key);
+                if (r == -ENOMEM)
+                        return r;
+                ep->create_port = 443;
+                if (adp_conf_get_uint(sub, "port", false, 1, 65535, e, &v) == 0)
+                        ep->create_port = (unsigned) v;
         }
         if (adp_conf_get_seq(item, "devices", true, e, &devs) < 0)
                 return 0;

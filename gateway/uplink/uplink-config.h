@@ -81,6 +81,9 @@ struct gw_endpoint_conf {
         uint64_t token_ttl_usec;      /* SAS tokens' lifetime; renewed at 80% by reconnecting */
         struct gw_upstream_device *devices;
         size_t n_devices;
+        char *create_policy;          /* create_missing.policy: a policy with RegistryWrite (NULL: off) */
+        char *create_key;             /* its key (secret) */
+        unsigned create_port;         /* create_missing.port: the cloud's HTTPS port (default 443) */
         /* Everything that requires a new transport when it changes, as text. */
         char *fingerprint;
 };

@@ -13,6 +13,7 @@
 #   IDLE [10000]        idle TLS connections  IDLE_PROCS [2]  generator processes for them
 #   SERVER_CPU [0]      core of the servers   GEN_CPU [1]     core of the generator
 #   RATE_FRACTION [0.5] fixed rate = this x mosquitto's median saturation rate (per CONNS)
+#   RATE []             a fixed offered rate (msg/s) instead, for every CONNS
 #   CIPHERS [ECDHE-ECDSA-AES128-GCM-SHA256]  the TLS 1.2 suite both servers must use
 #   NICE [-10]          priority of both servers and the generator (when run as root)
 #   RT [0]              1: SCHED_FIFO for both servers and the generator instead (as root)
@@ -253,6 +254,7 @@ for conns in $CONNS; do
                         msat=$(median_rate fieldhub sat "$conns")
                 fi
                 rate=$(python3 -c "print(int($msat * $RATE_FRACTION))")
+                [ -n "${RATE:-}" ] && rate=$RATE
                 if [ "$rate" -gt 0 ]; then
                         echo "bench-mqtt: fixed offered rate for $conns connections: $rate msg/s" >&2
                         for i in $(seq "$RUNS"); do

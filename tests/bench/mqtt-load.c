@@ -991,6 +991,19 @@ int main(int argc, char **argv) {
         uint64_t connected = SUM(connected, nw), failed = SUM(failed, nw);
         fprintf(stderr, "mqtt-load: %" PRIu64 " connected, %" PRIu64 " failed in %.1f s\n", connected, failed,
                 connect_sec);
+        if (connected == 0) {
+                const char *err = "";
+                for (unsigned i = 0; i < nw && !err[0]; i++)
+                        err = sh->w[i].error;
+                atomic_store(&sh->phase, PH_STOP);
+                if (o.procs > 1)
+                        for (unsigned p = 0; p < o.procs; p++)
+                                waitpid(pids[p], NULL, 0);
+                else
+                        pthread_join(runner, NULL);
+                fprintf(stderr, "mqtt-load: no connection succeeded (first error: %s)\n", err);
+                return 1;
+        }
         if (o.server_pid) {
                 sleep_sec(0.5); /* let the server settle after the last CONNACK */
                 read_pstat(o.server_pid, &srv_conn);

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import paho.mqtt.client as mqtt  # noqa: E402
 
 import test_mqtt  # noqa: E402
-from fhlib import FIELDHUBCTL, Daemon, main, write  # noqa: E402
+from fhlib import FIELDHUBCTL, Daemon, at_exit, main, write  # noqa: E402
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -41,6 +41,7 @@ class Broker:
                                                 f"persistence true\npersistence_location {d}/\n"
                                                 "max_queued_messages 0\nmax_inflight_messages 0\n")
         self.proc = None
+        at_exit(self.stop)  # whatever happens to the test, the broker is stopped by pid
         self.start()
 
     def start(self):

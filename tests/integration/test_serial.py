@@ -483,13 +483,10 @@ def test_commands_replies_polling_c2d():
     # C2D: the application property `command` names the template.
     n_t = scale.requests.count(b"T")
     ctl(d, "c2d", "send", "scale-1", "--body", "{}", "--property", "command=tare")
-    # (The gateway does not yet hand queued C2D messages to adapter sessions —
-    # hub_session_deliver_c2d has no caller — so this part reports rather than fails until it does.)
-    try:
-        wait_for(lambda: scale.requests.count(b"T") == n_t + 1, timeout=3, what="tare from C2D")
-    except AssertionError:
-        print("   note: C2D was not delivered to the adapter device (host side missing); C2D part not checked",
-              flush=True)
+    wait_for(lambda: scale.requests.count(b"T") == n_t + 1, timeout=5, what="tare from C2D")
+    # The command's reply completed the message: the queue is empty again.
+    wait_for(lambda: json.loads(ctl(d, "device", "show", "scale-1", "--json").stdout)
+             .get("cloudToDeviceMessageCount") == 0, timeout=5, what="C2D message completed")
     rep = wait_for(lambda: (lambda s: s if s["replyTimeouts"] >= 1 else None)(reported(d, "scale-1")["serial"]),
                    what="reply timeout counted")
     assert rep["commands"] >= 6, rep

@@ -125,7 +125,7 @@ static void test_syntax(void) {
         EXPECT("hub:\n  host_name: a.b\n  host_name: c.d\n",
                "t.yaml:3:3: hub.host_name: duplicate key \"host_name\" (first defined at line 2, column 3), expected each key once");
         EXPECT(BASE "? [a, b]\n: 1\n", "t.yaml:3:3: ?: found a sequence as a key, expected a key name");
-        EXPECT("- hub\n", "t.yaml:1:1: found a sequence, expected a mapping with the keys: hub, state_dir, log, store, admin, adapters, service_api, metrics, c2d, feedback, mqtt, endpoints, routes, fallback_route, enrichments, logs_dir, http_device, file_upload");
+        EXPECT("- hub\n", "t.yaml:1:1: found a sequence, expected a mapping with the keys: hub, state_dir, log, store, admin, adapters, service_api, metrics, c2d, feedback, mqtt, coap, endpoints, routes, fallback_route, enrichments, logs_dir, http_device, file_upload");
         EXPECT("", "t.yaml:1:1: missing required key \"hub\"");
         EXPECT("# only a comment\n", "t.yaml:1:1: missing required key \"hub\"");
 
@@ -141,9 +141,9 @@ static void test_schema_errors(void) {
                "t.yaml:2:3: hub.hots_name: unknown key \"hots_name\" (did you mean \"host_name\"?); expected one of: host_name, host_aliases, policies, x509_ca_files",
                "t.yaml:2:3: hub: missing required key \"host_name\"");
         EXPECT(BASE "stor:\n  check_on_start: true\n",
-               "t.yaml:3:1: stor: unknown key \"stor\" (did you mean \"store\"?); expected one of: hub, state_dir, log, store, admin, adapters, service_api, metrics, c2d, feedback, mqtt, endpoints, routes, fallback_route, enrichments, logs_dir, http_device, file_upload");
+               "t.yaml:3:1: stor: unknown key \"stor\" (did you mean \"store\"?); expected one of: hub, state_dir, log, store, admin, adapters, service_api, metrics, c2d, feedback, mqtt, coap, endpoints, routes, fallback_route, enrichments, logs_dir, http_device, file_upload");
         EXPECT(BASE "bogus: []\n",
-               "t.yaml:3:1: bogus: unknown key \"bogus\"; expected one of: hub, state_dir, log, store, admin, adapters, service_api, metrics, c2d, feedback, mqtt, endpoints, routes, fallback_route, enrichments, logs_dir, http_device, file_upload");
+               "t.yaml:3:1: bogus: unknown key \"bogus\"; expected one of: hub, state_dir, log, store, admin, adapters, service_api, metrics, c2d, feedback, mqtt, coap, endpoints, routes, fallback_route, enrichments, logs_dir, http_device, file_upload");
         EXPECT("hub:\n  host_name:\n    a: b\n", "t.yaml:3:5: hub.host_name: found a mapping, expected a string");
         EXPECT("hub:\n  host_name: [a.b]\n", "t.yaml:2:14: hub.host_name: found a sequence, expected a string");
         EXPECT("hub:\n  host_name:\n", "t.yaml:2:13: hub.host_name: found null, expected a value");
@@ -205,10 +205,10 @@ static void test_schema_errors(void) {
         EXPECT(BASE "  policies:\n    - service\n",
                "t.yaml:4:7: hub.policies[0]: found \"service\", expected a mapping with the keys: name, key_file or key_credential, and optionally secondary_key_file or secondary_key_credential");
         EXPECT(BASE "adapters:\n  - type: profibus\n    name: plc1\n",
-               "t.yaml:4:11: adapters[0].type: found \"profibus\", expected one of: modbus, serial");
+               "t.yaml:4:11: adapters[0].type: found \"profibus\", expected one of: modbus, serial, coap");
         EXPECT(BASE "adapters:\n  - type: profibus\n    name: plc1\n  - type: canopen\n    name: plc1\n  - name: bad name\n",
-               "t.yaml:4:11: adapters[0].type: found \"profibus\", expected one of: modbus, serial",
-               "t.yaml:6:11: adapters[1].type: found \"canopen\", expected one of: modbus, serial",
+               "t.yaml:4:11: adapters[0].type: found \"profibus\", expected one of: modbus, serial, coap",
+               "t.yaml:6:11: adapters[1].type: found \"canopen\", expected one of: modbus, serial, coap",
                "t.yaml:7:11: adapters[1].name: duplicate adapter name \"plc1\" (already given at adapters[0]), expected each name once",
                "t.yaml:8:5: adapters[2]: missing required key \"type\"",
                "t.yaml:8:11: adapters[2].name: found \"bad name\", expected an adapter name of 1 to 64 letters, digits, '_', '-' or '.'");

@@ -27,6 +27,7 @@
 #include <jansson.h>
 
 #include "adapter/adapter.h"
+#include "adp-util.h"
 #include "adp-modbus.h"
 #include "hub/clock.h"
 #include "hub/msg.h"
@@ -123,15 +124,7 @@ struct mb_event {
 
 /* ---- logging ----------------------------------------------------------------------------- */
 
-static _printf_(6, 7) void mlog(struct mb_adapter *a, int level, const char *dev, const char *key, int err,
-                                const char *fmt, ...) {
-        va_list ap;
-        if (!a->host)
-                return;
-        va_start(ap, fmt);
-        a->host->log(a->host->host, level, dev, key, err, fmt, ap);
-        va_end(ap);
-}
+#define mlog(a, level, dev, key, err, ...) adp_logf((a)->host, level, dev, key, err, __VA_ARGS__)
 
 /* ---- events from workers to the loop ----------------------------------------------------- */
 
@@ -153,17 +146,7 @@ static void on_event(void *ud) {
         case EV_TELEMETRY: {
                 atomic_fetch_sub(&a->pending_telemetry, 1);
                 struct hub_msg *m = NULL;
-                int r = hub_msg_new(ev->body, strlen(ev->body), HUB_MSG_D2C_MAX_SIZE, &m);
-                if (r >= 0)
-                        r = hub_msg_set_sys(m, HUB_SYS_CONTENT_TYPE, "application/json");
-                if (r >= 0)
-                        r = hub_msg_set_sys(m, HUB_SYS_CONTENT_ENCODING, "utf-8");
-                if (r >= 0)
-                        r = hub_msg_set_prop(m, "adapter", a->name);
-                if (r >= 0)
-                        r = hub_msg_set_prop(m, "adapterType", "modbus");
-                if (r >= 0)
-                        r = hub_msg_set_prop(m, "pollGroup", ev->group);
+                int r = adp_telemetry_new(ev->body, a->name, "modbus", "pollGroup", ev->group, &m);
                 if (r >= 0)
                         r = h->emit(h->host, ev->device, m);
                 if (r < 0 && r != -ENOENT) /* -ENOENT: the device was removed by a reload */

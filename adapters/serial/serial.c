@@ -21,6 +21,7 @@
 #include <jansson.h>
 
 #include "adapter/adapter.h"
+#include "adp-util.h"
 #include "adp-serial.h"
 #include "hub/msg.h"
 #include "serial-internal.h"
@@ -83,14 +84,7 @@ struct sa {
         bool stopping;
 };
 
-static _printf_(6, 7) void slog(struct sa *a, int level, const char *dev, const char *key, int err, const char *fmt, ...) {
-        va_list ap;
-        if (!a->host)
-                return;
-        va_start(ap, fmt);
-        a->host->log(a->host->host, level, dev, key, err, fmt, ap);
-        va_end(ap);
-}
+#define slog(a, level, dev, key, err, ...) adp_logf((a)->host, level, dev, key, err, __VA_ARGS__)
 
 static const char *state_name(enum adp_device_state s) {
         static const char *const n[] = { "connecting", "online", "offline", "error" };
@@ -379,18 +373,8 @@ static void emit(struct sdev *d, const struct adp_serial_message *m, json_t *val
         char *body = o ? json_dumps(o, JSON_COMPACT) : NULL;
         json_decref(o);
         struct hub_msg *msg = NULL;
-        int r = body ? hub_msg_new(body, strlen(body), HUB_MSG_D2C_MAX_SIZE, &msg) : -ENOMEM;
+        int r = body ? adp_telemetry_new(body, a->name, "serial", "messageKind", m->name, &msg) : -ENOMEM;
         free(body);
-        if (r >= 0)
-                r = hub_msg_set_sys(msg, HUB_SYS_CONTENT_TYPE, "application/json");
-        if (r >= 0)
-                r = hub_msg_set_sys(msg, HUB_SYS_CONTENT_ENCODING, "utf-8");
-        if (r >= 0)
-                r = hub_msg_set_prop(msg, "adapter", a->name);
-        if (r >= 0)
-                r = hub_msg_set_prop(msg, "adapterType", "serial");
-        if (r >= 0)
-                r = hub_msg_set_prop(msg, "messageKind", m->name);
         if (r >= 0)
                 r = a->host->emit(a->host->host, d->c->name, msg);
         if (r < 0)

@@ -1488,6 +1488,26 @@ static bool quota_ok(struct api_req *req, struct api_device *d, const char *blob
         return false;
 }
 
+/* Writes the request body to @path (the whole blob, or one staged block when !@whole) within
+ * the device's upload quota, accounts for it and answers 201; answers the error otherwise. */
+static void write_body(struct api_req *req, struct api_device *d, const char *blob_full, const char *path,
+                       bool whole) {
+        const struct gw_http_request *hr = req->hr;
+        uint64_t old = file_size(path);
+        if (!quota_ok(req, d, blob_full, hr->body_len, old))
+                return;
+        struct iovec v = { .iov_base = (void *) hr->body, .iov_len = hr->body_len };
+        int r = write_file(path, &v, 1);
+        if (r < 0) {
+                blob_error(req, 500, "InternalError",
+                           whole ? "Blob %s cannot be written: %s" : "Blob %s: the block cannot be written: %s",
+                           blob_full, strerror(-r));
+                return;
+        }
+        d->used_bytes = d->used_bytes - MIN(old, d->used_bytes) + hr->body_len;
+        blob_created(req, path, whole);
+}
+
 static void put_single(struct api_req *req, struct api_device *d, const char *blob_full) {
         const struct gw_http_request *hr = req->hr;
         const char *type = api_header(req, "x-ms-blob-type");
@@ -1510,17 +1530,7 @@ static void put_single(struct api_req *req, struct api_device *d, const char *bl
                 blob_error(req, 500, "InternalError", "out of memory");
                 return;
         }
-        uint64_t old = file_size(path);
-        if (!quota_ok(req, d, blob_full, hr->body_len, old))
-                return;
-        struct iovec v = { .iov_base = (void *) hr->body, .iov_len = hr->body_len };
-        int r = write_file(path, &v, 1);
-        if (r < 0) {
-                blob_error(req, 500, "InternalError", "Blob %s cannot be written: %s", blob_full, strerror(-r));
-                return;
-        }
-        d->used_bytes = d->used_bytes - MIN(old, d->used_bytes) + hr->body_len;
-        blob_created(req, path, true);
+        write_body(req, d, blob_full, path, true);
 }
 
 static void put_block(struct api_req *req, struct api_device *d, const char *blob_full) {
@@ -1542,17 +1552,7 @@ static void put_block(struct api_req *req, struct api_device *d, const char *blo
                 blob_error(req, 500, "InternalError", "out of memory");
                 return;
         }
-        uint64_t old = file_size(path);
-        if (!quota_ok(req, d, blob_full, hr->body_len, old))
-                return;
-        struct iovec v = { .iov_base = (void *) hr->body, .iov_len = hr->body_len };
-        int r = write_file(path, &v, 1);
-        if (r < 0) {
-                blob_error(req, 500, "InternalError", "Blob %s: the block cannot be written: %s", blob_full, strerror(-r));
-                return;
-        }
-        d->used_bytes = d->used_bytes - MIN(old, d->used_bytes) + hr->body_len;
-        blob_created(req, path, false);
+        write_body(req, d, blob_full, path, false);
 }
 
 static int rm_entry(const char *p, const struct stat *st, int flag, struct FTW *ftw) {

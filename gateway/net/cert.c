@@ -35,7 +35,7 @@
 #include <mbedtls/x509_crt.h>
 
 #include "log.h"
-#include "net/net.h"
+#include "net/net-internal.h"
 
 #define NET_FIELDS GW_FIELDS(.component = "net")
 
@@ -48,20 +48,6 @@
 struct certgen {
         mbedtls_ctr_drbg_context drbg;
 };
-
-static int entropy_getrandom(void *p, unsigned char *out, size_t len) {
-        while (len > 0) {
-                ssize_t n = getrandom(out, len, 0);
-                if (n < 0) {
-                        if (errno == EINTR)
-                                continue;
-                        return MBEDTLS_ERR_CTR_DRBG_ENTROPY_SOURCE_FAILED;
-                }
-                out += n;
-                len -= (size_t) n;
-        }
-        return 0;
-}
 
 static char *path_join(const char *dir, const char *name) {
         char *p;
@@ -345,8 +331,7 @@ int gw_cert_ensure(const char *state_dir, const char *const *dns_names, const ch
         mbedtls_pk_init(&ca_key);
         mbedtls_pk_init(&srv_key);
         mbedtls_ctr_drbg_init(&g.drbg);
-        static const unsigned char pers[] = "fieldhub-certgen";
-        r = mbedtls_ctr_drbg_seed(&g.drbg, entropy_getrandom, NULL, pers, sizeof(pers) - 1);
+        r = gw_net_drbg_seed(&g.drbg, "fieldhub-certgen");
         if (r != 0) {
                 r = gw_log_full(LOG_ERR, EIO, NET_FIELDS, "cannot seed the random generator");
                 goto out;

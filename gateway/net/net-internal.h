@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 #pragma once
 
-/* Shared between listener.c, conn.c and tls.c; not for front-ends. */
+/* Shared between listener.c, conn.c, tls.c and cert.c; not for front-ends. */
 
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -32,6 +32,10 @@ struct gw_addr_count {
 };
 
 #define GW_ADDR_BUCKETS 512u
+
+/* Seeds a CTR-DRBG from getrandom(2) with the personalization string @pers (tls.c).
+ * Returns mbedtls_ctr_drbg_seed()'s result: 0 or an mbedtls error code. */
+int gw_net_drbg_seed(mbedtls_ctr_drbg_context *drbg, const char *pers);
 
 /* A list of connections ordered by deadline (all with the same timeout). */
 struct gw_conn_list {

@@ -70,6 +70,10 @@ static int entropy_getrandom(void *p, unsigned char *out, size_t len) {
         return 0;
 }
 
+int gw_net_drbg_seed(mbedtls_ctr_drbg_context *drbg, const char *pers) {
+        return mbedtls_ctr_drbg_seed(drbg, entropy_getrandom, NULL, (const unsigned char *) pers, strlen(pers));
+}
+
 static int bio_send(void *ctx, const unsigned char *buf, size_t len) {
         struct gw_net_conn *c = ctx;
         for (;;) {
@@ -191,8 +195,7 @@ int gw_tls_server_new(const struct gw_tls_server_config *cfg, struct gw_tls_serv
         mbedtls_x509_crt_init(&s->client_ca);
         mbedtls_pk_init(&s->key);
 
-        static const unsigned char pers[] = "fieldhub-tls-server";
-        r = mbedtls_ctr_drbg_seed(&s->drbg, entropy_getrandom, NULL, pers, sizeof(pers) - 1);
+        r = gw_net_drbg_seed(&s->drbg, "fieldhub-tls-server");
         if (r != 0)
                 return gw_log_full(LOG_ERR, EIO, NET_FIELDS, "cannot seed the TLS random generator (-0x%04x)",
                                    (unsigned) -r);

@@ -222,6 +222,39 @@ static int64_t t64(uint64_t t) {
 
 /* ---- options ------------------------------------------------------------------------------- */
 
+/* Locks one row: runs @sql with ?1 = @token, ?2 = @until and ?3 = @key. */
+static int set_lock(sqlite3 *db, const char *sql, const char *token, uint64_t until, int64_t key) {
+        _cleanup_stmt_ sqlite3_stmt *st = NULL;
+        int r;
+
+        r = prep(db, sql, &st);
+        if (r < 0)
+                return r;
+        sqlite3_bind_text(st, 1, token, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 2, t64(until));
+        sqlite3_bind_int64(st, 3, key);
+        return step_done(st);
+}
+
+/* Runs @sql with ?1 = @lock_token and returns the statement positioned on its first row;
+ * -ENOLCK when no row holds that lock token. */
+static int find_locked(sqlite3 *db, const char *sql, const char *lock_token, sqlite3_stmt **ret) {
+        _cleanup_stmt_ sqlite3_stmt *st = NULL;
+        int r, rc;
+
+        r = prep(db, sql, &st);
+        if (r < 0)
+                return r;
+        sqlite3_bind_text(st, 1, lock_token, -1, SQLITE_STATIC);
+        rc = sqlite3_step(st);
+        if (rc == SQLITE_DONE)
+                return -ENOLCK;
+        if (rc != SQLITE_ROW)
+                return hub_store_errno(rc);
+        *ret = TAKE_PTR(st);
+        return 0;
+}
+
 static void options_fill(const struct hub_queue_options *in, struct hub_queue_options *o) {
         *o = in ? *in : (struct hub_queue_options) { 0 };
         if (o->default_ttl_usec == 0)
@@ -998,13 +1031,8 @@ static int write_receive(struct hub_store_txn *txn, void *userdata) {
                 };
                 sqlite3_finalize(st);
                 st = NULL;
-                r = prep(db, "UPDATE c2d_messages SET lock_token = ?1, lock_until = ?2 WHERE id = ?3", &st);
-                if (r < 0)
-                        return r;
-                sqlite3_bind_text(st, 1, op->new_token, -1, SQLITE_STATIC);
-                sqlite3_bind_int64(st, 2, t64(op->d.lock_until_usec));
-                sqlite3_bind_int64(st, 3, id);
-                r = step_done(st);
+                r = set_lock(db, "UPDATE c2d_messages SET lock_token = ?1, lock_until = ?2 WHERE id = ?3",
+                             op->new_token, op->d.lock_until_usec, id);
                 if (r < 0)
                         return r;
                 op->have_delivery = true;
@@ -1016,17 +1044,18 @@ static int write_receive(struct hub_store_txn *txn, void *userdata) {
         return resolve_fb_added(db, op);
 }
 
-int hub_queue_receive(struct hub_queue *q, const char *device_id, uint64_t lock_timeout_usec, uint64_t now,
-                      hub_queue_receive_done_fn done, void *userdata) {
+/* Queues a receive op of @kind (@device_id NULL for the feedback queue) with a fresh lock token;
+ * the lock lasts @lock_timeout_usec clamped, @dflt_lock_usec when 0. */
+static int receive_submit(struct hub_queue *q, enum op_kind kind, const char *device_id, uint64_t lock_timeout_usec,
+                          uint64_t dflt_lock_usec, uint64_t now, hub_store_write_fn fn, hub_queue_receive_done_fn done,
+                          void *userdata) {
         struct op *op;
         int r;
 
-        if (!q || !device_id)
-                return -EINVAL;
-        r = op_new(q, OP_RECEIVE, device_id, now, &op);
+        r = op_new(q, kind, device_id, now, &op);
         if (r < 0)
                 return r;
-        op->lock_timeout = clamp_lock(lock_timeout_usec, q->opts.lock_timeout_usec);
+        op->lock_timeout = clamp_lock(lock_timeout_usec, dflt_lock_usec);
         r = lock_token_new(op->new_token);
         if (r < 0) {
                 op_free(op);
@@ -1034,7 +1063,15 @@ int hub_queue_receive(struct hub_queue *q, const char *device_id, uint64_t lock_
         }
         op->done.receive = done;
         op->userdata = userdata;
-        return op_submit(q, op, write_receive);
+        return op_submit(q, op, fn);
+}
+
+int hub_queue_receive(struct hub_queue *q, const char *device_id, uint64_t lock_timeout_usec, uint64_t now,
+                      hub_queue_receive_done_fn done, void *userdata) {
+        if (!q || !device_id)
+                return -EINVAL;
+        return receive_submit(q, OP_RECEIVE, device_id, lock_timeout_usec, q->opts.lock_timeout_usec, now,
+                              write_receive, done, userdata);
 }
 
 /* ---- settlement ------------------------------------------------------------------------------ */
@@ -1044,20 +1081,14 @@ static int write_settle(struct hub_store_txn *txn, void *userdata) {
         sqlite3 *db = hub_store_txn_db(txn);
         _cleanup_stmt_ sqlite3_stmt *st = NULL;
         _cleanup_free_ char *mid = NULL;
-        int r, rc, ack, result = 0;
+        int r, ack, result = 0;
 
-        r = prep(db,
-                 "SELECT id, device_id, message_id, ack, expiry, lock_until, delivery_count FROM c2d_messages "
-                 "WHERE lock_token = ?1",
-                 &st);
+        r = find_locked(db,
+                        "SELECT id, device_id, message_id, ack, expiry, lock_until, delivery_count FROM c2d_messages "
+                        "WHERE lock_token = ?1",
+                        op->lock_token_in, &st);
         if (r < 0)
                 return r;
-        sqlite3_bind_text(st, 1, op->lock_token_in, -1, SQLITE_STATIC);
-        rc = sqlite3_step(st);
-        if (rc == SQLITE_DONE)
-                return -ENOLCK;
-        if (rc != SQLITE_ROW)
-                return hub_store_errno(rc);
         const char *dev = (const char *) sqlite3_column_text(st, 1);
         if (!dev || !streq(dev, op->device_id))
                 return -ENOLCK;
@@ -1111,13 +1142,12 @@ static int write_settle(struct hub_store_txn *txn, void *userdata) {
         return result;
 }
 
-static int settle(struct hub_queue *q, enum op_kind kind, const char *device_id, const char *lock_token, uint64_t now,
-                  hub_queue_done_fn done, void *userdata) {
+/* Queues a settlement op of @kind for @lock_token (@device_id NULL for the feedback queue). */
+static int settle_submit(struct hub_queue *q, enum op_kind kind, const char *device_id, const char *lock_token,
+                         uint64_t now, hub_store_write_fn fn, hub_queue_done_fn done, void *userdata) {
         struct op *op;
         int r;
 
-        if (!q || !device_id || !lock_token)
-                return -EINVAL;
         r = op_new(q, kind, device_id, now, &op);
         if (r < 0)
                 return r;
@@ -1128,7 +1158,14 @@ static int settle(struct hub_queue *q, enum op_kind kind, const char *device_id,
         }
         op->done.plain = done;
         op->userdata = userdata;
-        return op_submit(q, op, write_settle);
+        return op_submit(q, op, fn);
+}
+
+static int settle(struct hub_queue *q, enum op_kind kind, const char *device_id, const char *lock_token, uint64_t now,
+                  hub_queue_done_fn done, void *userdata) {
+        if (!q || !device_id || !lock_token)
+                return -EINVAL;
+        return settle_submit(q, kind, device_id, lock_token, now, write_settle, done, userdata);
 }
 
 int hub_queue_complete(struct hub_queue *q, const char *device_id, const char *lock_token, uint64_t now,
@@ -1441,13 +1478,8 @@ static int write_fb_receive(struct hub_store_txn *txn, void *userdata) {
         sqlite3_finalize(st);
         st = NULL;
 
-        r = prep(db, "UPDATE c2d_feedback_messages SET lock_token = ?1, lock_until = ?2 WHERE seq = ?3", &st);
-        if (r < 0)
-                return r;
-        sqlite3_bind_text(st, 1, op->new_token, -1, SQLITE_STATIC);
-        sqlite3_bind_int64(st, 2, t64(op->d.lock_until_usec));
-        sqlite3_bind_int64(st, 3, seq);
-        r = step_done(st);
+        r = set_lock(db, "UPDATE c2d_feedback_messages SET lock_token = ?1, lock_until = ?2 WHERE seq = ?3",
+                     op->new_token, op->d.lock_until_usec, seq);
         if (r < 0)
                 return r;
         op->msg = TAKE_PTR(m);
@@ -1458,41 +1490,22 @@ static int write_fb_receive(struct hub_store_txn *txn, void *userdata) {
 
 int hub_queue_feedback_receive(struct hub_queue *q, uint64_t lock_timeout_usec, uint64_t now,
                                hub_queue_receive_done_fn done, void *userdata) {
-        struct op *op;
-        int r;
-
         if (!q)
                 return -EINVAL;
-        r = op_new(q, OP_FB_RECEIVE, NULL, now, &op);
-        if (r < 0)
-                return r;
-        op->lock_timeout = clamp_lock(lock_timeout_usec, q->opts.feedback_lock_timeout_usec);
-        r = lock_token_new(op->new_token);
-        if (r < 0) {
-                op_free(op);
-                return r;
-        }
-        op->done.receive = done;
-        op->userdata = userdata;
-        return op_submit(q, op, write_fb_receive);
+        return receive_submit(q, OP_FB_RECEIVE, NULL, lock_timeout_usec, q->opts.feedback_lock_timeout_usec, now,
+                              write_fb_receive, done, userdata);
 }
 
 static int write_fb_settle(struct hub_store_txn *txn, void *userdata) {
         struct op *op = userdata;
         sqlite3 *db = hub_store_txn_db(txn);
         _cleanup_stmt_ sqlite3_stmt *st = NULL;
-        int r, rc, result = 0;
+        int r, result = 0;
 
-        r = prep(db, "SELECT seq, expiry, lock_until, delivery_count FROM c2d_feedback_messages WHERE lock_token = ?1",
-                 &st);
+        r = find_locked(db, "SELECT seq, expiry, lock_until, delivery_count FROM c2d_feedback_messages WHERE lock_token = ?1",
+                        op->lock_token_in, &st);
         if (r < 0)
                 return r;
-        sqlite3_bind_text(st, 1, op->lock_token_in, -1, SQLITE_STATIC);
-        rc = sqlite3_step(st);
-        if (rc == SQLITE_DONE)
-                return -ENOLCK;
-        if (rc != SQLITE_ROW)
-                return hub_store_errno(rc);
         int64_t seq = sqlite3_column_int64(st, 0);
         uint64_t expiry = (uint64_t) sqlite3_column_int64(st, 1);
         uint64_t lock_until = (uint64_t) sqlite3_column_int64(st, 2);
@@ -1523,22 +1536,9 @@ static int write_fb_settle(struct hub_store_txn *txn, void *userdata) {
 
 static int fb_settle(struct hub_queue *q, enum op_kind kind, const char *lock_token, uint64_t now,
                      hub_queue_done_fn done, void *userdata) {
-        struct op *op;
-        int r;
-
         if (!q || !lock_token)
                 return -EINVAL;
-        r = op_new(q, kind, NULL, now, &op);
-        if (r < 0)
-                return r;
-        op->lock_token_in = strdup(lock_token);
-        if (!op->lock_token_in) {
-                op_free(op);
-                return -ENOMEM;
-        }
-        op->done.plain = done;
-        op->userdata = userdata;
-        return op_submit(q, op, write_fb_settle);
+        return settle_submit(q, kind, NULL, lock_token, now, write_fb_settle, done, userdata);
 }
 
 int hub_queue_feedback_complete(struct hub_queue *q, const char *lock_token, uint64_t now, hub_queue_done_fn done,

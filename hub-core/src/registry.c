@@ -24,6 +24,7 @@
 #include "hub/registry.h"
 #include "hub/urlenc.h"
 #include "store-internal.h"
+#include "store-util.h"
 
 struct hub_registry {
         struct hub_store *store;
@@ -94,7 +95,8 @@ static bool ascii_alnum(char c) {
         return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9');
 }
 
-bool hub_device_id_valid(const char *id) {
+/* A device id of 1 to HUB_DEVICE_ID_MAX characters, each alphanumeric or one of @extra. */
+static bool device_id_check(const char *id, const char *extra) {
         size_t n;
 
         if (!id)
@@ -103,23 +105,17 @@ bool hub_device_id_valid(const char *id) {
         if (n == 0 || n > HUB_DEVICE_ID_MAX)
                 return false;
         for (size_t i = 0; i < n; i++)
-                if (!ascii_alnum(id[i]) && !strchr("-:.+%_#*?!(),=@;$'", id[i]))
+                if (!ascii_alnum(id[i]) && !strchr(extra, id[i]))
                         return false;
         return true;
 }
 
-bool hub_device_id_valid_strict(const char *id) {
-        size_t n;
+bool hub_device_id_valid(const char *id) {
+        return device_id_check(id, "-:.+%_#*?!(),=@;$'");
+}
 
-        if (!id)
-                return false;
-        n = strnlen(id, HUB_DEVICE_ID_MAX + 1);
-        if (n == 0 || n > HUB_DEVICE_ID_MAX)
-                return false;
-        for (size_t i = 0; i < n; i++)
-                if (!ascii_alnum(id[i]) && id[i] != '.' && id[i] != '_' && id[i] != '-')
-                        return false;
-        return true;
+bool hub_device_id_valid_strict(const char *id) {
+        return device_id_check(id, "._-");
 }
 
 char *hub_device_etag(uint64_t version, char buf[static 32]) {
@@ -310,35 +306,18 @@ static int if_match_etag(const char *if_match, char ret[static 32], bool *ret_an
 
 /* ---- row <-> struct ------------------------------------------------------------------- */
 
-static int col_text(sqlite3_stmt *st, int i, char *buf, size_t size, bool *ret_null) {
-        const unsigned char *t = sqlite3_column_text(st, i);
-        int n = sqlite3_column_bytes(st, i);
-
-        if (ret_null)
-                *ret_null = !t;
-        if (!t) {
-                buf[0] = '\0';
-                return 0;
-        }
-        if ((size_t) n >= size)
-                return -EBADMSG;
-        memcpy(buf, t, (size_t) n);
-        buf[n] = '\0';
-        return 0;
-}
-
 static int row_to_device(sqlite3_stmt *st, struct hub_device *d) {
         bool null_reason = true;
         int r;
 
         *d = (struct hub_device) {};
-        if ((r = col_text(st, 0, d->device_id, sizeof d->device_id, NULL)) < 0 ||
-            (r = col_text(st, 1, d->generation_id, sizeof d->generation_id, NULL)) < 0 ||
-            (r = col_text(st, 4, d->status_reason, sizeof d->status_reason, &null_reason)) < 0 ||
-            (r = col_text(st, 7, d->primary_key, sizeof d->primary_key, NULL)) < 0 ||
-            (r = col_text(st, 8, d->secondary_key, sizeof d->secondary_key, NULL)) < 0 ||
-            (r = col_text(st, 9, d->primary_thumbprint, sizeof d->primary_thumbprint, NULL)) < 0 ||
-            (r = col_text(st, 10, d->secondary_thumbprint, sizeof d->secondary_thumbprint, NULL)) < 0) {
+        if ((r = hub_store_col_text(st, 0, d->device_id, sizeof d->device_id, NULL)) < 0 ||
+            (r = hub_store_col_text(st, 1, d->generation_id, sizeof d->generation_id, NULL)) < 0 ||
+            (r = hub_store_col_text(st, 4, d->status_reason, sizeof d->status_reason, &null_reason)) < 0 ||
+            (r = hub_store_col_text(st, 7, d->primary_key, sizeof d->primary_key, NULL)) < 0 ||
+            (r = hub_store_col_text(st, 8, d->secondary_key, sizeof d->secondary_key, NULL)) < 0 ||
+            (r = hub_store_col_text(st, 9, d->primary_thumbprint, sizeof d->primary_thumbprint, NULL)) < 0 ||
+            (r = hub_store_col_text(st, 10, d->secondary_thumbprint, sizeof d->secondary_thumbprint, NULL)) < 0) {
                 hub_device_done(d);
                 return r;
         }
@@ -361,13 +340,17 @@ static int row_to_device(sqlite3_stmt *st, struct hub_device *d) {
         return 0;
 }
 
+static int device_decode(sqlite3_stmt *st, void *ret) {
+        return row_to_device(st, ret);
+}
+
 static int row_to_policy(sqlite3_stmt *st, struct hub_policy *p) {
         int r;
 
         *p = (struct hub_policy) {};
-        if ((r = col_text(st, 0, p->name, sizeof p->name, NULL)) < 0 ||
-            (r = col_text(st, 1, p->primary_key, sizeof p->primary_key, NULL)) < 0 ||
-            (r = col_text(st, 2, p->secondary_key, sizeof p->secondary_key, NULL)) < 0) {
+        if ((r = hub_store_col_text(st, 0, p->name, sizeof p->name, NULL)) < 0 ||
+            (r = hub_store_col_text(st, 1, p->primary_key, sizeof p->primary_key, NULL)) < 0 ||
+            (r = hub_store_col_text(st, 2, p->secondary_key, sizeof p->secondary_key, NULL)) < 0) {
                 hub_policy_done(p);
                 return r;
         }
@@ -375,36 +358,18 @@ static int row_to_policy(sqlite3_stmt *st, struct hub_policy *p) {
         return 0;
 }
 
+static int policy_decode(sqlite3_stmt *st, void *ret) {
+        return row_to_policy(st, ret);
+}
+
 static int bind_text_or_null(sqlite3_stmt *st, int i, const char *s) {
         return s && *s ? sqlite3_bind_text(st, i, s, -1, SQLITE_TRANSIENT) : sqlite3_bind_null(st, i);
 }
 
-/* Reads one device by id on db (read connection or inside a transaction). */
-static int select_device(sqlite3 *db, sqlite3_stmt *cached, const char *id, struct hub_device *ret) {
-        sqlite3_stmt *st = cached;
-        int rc, r;
-
-        if (!st) {
-                rc = sqlite3_prepare_v2(db, "SELECT " DEVICE_COLUMNS " FROM devices WHERE device_id = ?1", -1, &st,
-                                        NULL);
-                if (rc != SQLITE_OK)
-                        return sql_errno(rc);
-        }
-        rc = sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
-        if (rc == SQLITE_OK)
-                rc = sqlite3_step(st);
-        if (rc == SQLITE_ROW)
-                r = row_to_device(st, ret);
-        else if (rc == SQLITE_DONE)
-                r = -ENOENT;
-        else
-                r = sql_errno(rc);
-        if (cached) {
-                sqlite3_reset(st);
-                sqlite3_clear_bindings(st);
-        } else
-                sqlite3_finalize(st);
-        return r;
+/* Reads one device by id inside a transaction on db. */
+static int select_device(sqlite3 *db, const char *id, struct hub_device *ret) {
+        return hub_store_select_one_sql(db, "SELECT " DEVICE_COLUMNS " FROM devices WHERE device_id = ?1", id,
+                                        device_decode, ret);
 }
 
 /* ---- lifecycle events (reference §8.7) ------------------------------------------------- */
@@ -531,7 +496,7 @@ static int write_create(struct hub_store_txn *txn, void *userdata) {
         sqlite3_finalize(st);
         if (r < 0)
                 return r;
-        return select_device(db, NULL, in->device_id, &c->out);
+        return select_device(db, in->device_id, &c->out);
 }
 
 /* Reads the current row inside the transaction and checks the etag. */
@@ -539,7 +504,7 @@ static int check_current(sqlite3 *db, struct write_ctx *c, const char *id, struc
         char etag[32];
         int r;
 
-        r = select_device(db, NULL, id, cur);
+        r = select_device(db, id, cur);
         if (r < 0)
                 return r;
         if (!c->any && !streq(c->etag, hub_device_etag(cur->etag_version, etag)))
@@ -590,7 +555,7 @@ static int write_update(struct hub_store_txn *txn, void *userdata) {
         sqlite3_finalize(st);
         if (r < 0)
                 return r;
-        return select_device(db, NULL, in->device_id, &c->out);
+        return select_device(db, in->device_id, &c->out);
 }
 
 static int write_delete(struct hub_store_txn *txn, void *userdata) {
@@ -620,7 +585,7 @@ static int write_regenerate(struct hub_store_txn *txn, void *userdata) {
         const char *pk, *sk;
         int rc, r;
 
-        r = select_device(db, NULL, c->id, &cur);
+        r = select_device(db, c->id, &cur);
         if (r < 0)
                 return r;
         if (cur.auth_type != HUB_AUTH_TYPE_SAS)
@@ -652,7 +617,7 @@ static int write_regenerate(struct hub_store_txn *txn, void *userdata) {
         sqlite3_finalize(st);
         if (r < 0)
                 return r;
-        return select_device(db, NULL, c->id, &c->out);
+        return select_device(db, c->id, &c->out);
 }
 
 struct policy_insert_ctx {
@@ -711,20 +676,7 @@ static int write_policy_keys(struct hub_store_txn *txn, void *userdata) {
 /* ---- public API ------------------------------------------------------------------------- */
 
 static int prepare_read(struct hub_registry *r, sqlite3_stmt **st, const char *sql) {
-        sqlite3 *db;
-        int rc;
-
-        if (*st)
-                return 0;
-        db = hub_store_read_db(r->store);
-        if (!db)
-                return -EIO;
-        rc = sqlite3_prepare_v3(db, sql, -1, SQLITE_PREPARE_PERSISTENT, st, NULL);
-        if (rc != SQLITE_OK) {
-                *st = NULL;
-                return sql_errno(rc);
-        }
-        return 0;
+        return hub_store_prepare_cached(r->store, st, sql);
 }
 
 static int ensure_default_policies(struct hub_registry *r) {
@@ -806,7 +758,7 @@ int hub_registry_get(struct hub_registry *r, const char *id, struct hub_device *
         k = prepare_read(r, &r->st_get, "SELECT " DEVICE_COLUMNS " FROM devices WHERE device_id = ?1");
         if (k < 0)
                 return k;
-        k = select_device(NULL, r->st_get, id, &d);
+        k = hub_store_select_one(r->st_get, id, device_decode, &d);
         if (k < 0)
                 return k;
         *ret = d;
@@ -994,7 +946,7 @@ int hub_registry_count(struct hub_registry *r, uint64_t *total, uint64_t *enable
 
 int hub_registry_policy_get(struct hub_registry *r, const char *name, struct hub_policy *ret) {
         struct hub_policy p;
-        int k, rc;
+        int k;
 
         if (!r || !name || !ret)
                 return -EINVAL;
@@ -1003,14 +955,7 @@ int hub_registry_policy_get(struct hub_registry *r, const char *name, struct hub
         k = prepare_read(r, &r->st_policy_get, "SELECT " POLICY_COLUMNS " FROM policies WHERE name = ?1");
         if (k < 0)
                 return k;
-        sqlite3_bind_text(r->st_policy_get, 1, name, -1, SQLITE_STATIC);
-        rc = sqlite3_step(r->st_policy_get);
-        if (rc == SQLITE_ROW)
-                k = row_to_policy(r->st_policy_get, &p);
-        else
-                k = rc == SQLITE_DONE ? -ENOENT : sql_errno(rc);
-        sqlite3_reset(r->st_policy_get);
-        sqlite3_clear_bindings(r->st_policy_get);
+        k = hub_store_select_one(r->st_policy_get, name, policy_decode, &p);
         if (k < 0)
                 return k;
         *ret = p;

@@ -29,6 +29,7 @@
 #include "hub/registry.h"
 #include "hub/twin.h"
 #include "store-internal.h"
+#include "store-util.h"
 #include "store-schema.h"
 
 /* Migration 2. module_id is '' for device twins; module twins will use the module's id
@@ -138,23 +139,6 @@ char *hub_twin_etag(uint64_t counter, char buf[static 16]) {
 
 /* ---- row decoding ------------------------------------------------------------------------ */
 
-static int col_copy(sqlite3_stmt *st, int i, char *buf, size_t size, bool *ret_null) {
-        const unsigned char *t = sqlite3_column_text(st, i);
-        int n = sqlite3_column_bytes(st, i);
-
-        if (ret_null)
-                *ret_null = !t;
-        if (!t) {
-                buf[0] = '\0';
-                return 0;
-        }
-        if ((size_t) n >= size)
-                return -EBADMSG;
-        memcpy(buf, t, (size_t) n);
-        buf[n] = '\0';
-        return 0;
-}
-
 static int col_json(sqlite3_stmt *st, int i, json_t **ret) {
         const void *t = sqlite3_column_blob(st, i);
         int n = sqlite3_column_bytes(st, i);
@@ -185,10 +169,10 @@ static int row_decode(sqlite3_stmt *st, struct twin_row *ret) {
         bool null_reason = true;
         int k;
 
-        if ((k = col_copy(st, COL_DEVICE_ID, r.dev.device_id, sizeof r.dev.device_id, NULL)) < 0 ||
-            (k = col_copy(st, COL_STATUS_REASON, r.dev.status_reason, sizeof r.dev.status_reason, &null_reason)) < 0 ||
-            (k = col_copy(st, COL_PRIMARY_TP, r.dev.primary_thumbprint, sizeof r.dev.primary_thumbprint, NULL)) < 0 ||
-            (k = col_copy(st, COL_SECONDARY_TP, r.dev.secondary_thumbprint, sizeof r.dev.secondary_thumbprint,
+        if ((k = hub_store_col_text(st, COL_DEVICE_ID, r.dev.device_id, sizeof r.dev.device_id, NULL)) < 0 ||
+            (k = hub_store_col_text(st, COL_STATUS_REASON, r.dev.status_reason, sizeof r.dev.status_reason, &null_reason)) < 0 ||
+            (k = hub_store_col_text(st, COL_PRIMARY_TP, r.dev.primary_thumbprint, sizeof r.dev.primary_thumbprint, NULL)) < 0 ||
+            (k = hub_store_col_text(st, COL_SECONDARY_TP, r.dev.secondary_thumbprint, sizeof r.dev.secondary_thumbprint,
                           NULL)) < 0)
                 goto fail;
         r.dev.etag_version = (uint64_t) sqlite3_column_int64(st, COL_DEVICE_ETAG);
@@ -226,7 +210,7 @@ static int row_decode(sqlite3_stmt *st, struct twin_row *ret) {
                 r.etag_counter = sqlite3_column_int64(st, COL_ETAG_COUNTER);
                 r.desired_version = sqlite3_column_int64(st, COL_DESIRED_VERSION);
                 r.reported_version = sqlite3_column_int64(st, COL_REPORTED_VERSION);
-                if ((k = col_copy(st, COL_MODEL_ID, r.model_id, sizeof r.model_id, NULL)) < 0 ||
+                if ((k = hub_store_col_text(st, COL_MODEL_ID, r.model_id, sizeof r.model_id, NULL)) < 0 ||
                     (k = col_json(st, COL_TAGS, &r.tags)) < 0 || (k = col_json(st, COL_DESIRED, &r.desired)) < 0 ||
                     (k = col_json(st, COL_DESIRED_META, &r.desired_meta)) < 0 ||
                     (k = col_json(st, COL_REPORTED, &r.reported)) < 0 ||
@@ -365,35 +349,19 @@ void hub_twins_set_desired_handler(struct hub_twins *t,
 
 /* ---- reads ------------------------------------------------------------------------------- */
 
+static int row_decode_fn(sqlite3_stmt *st, void *ret) {
+        return row_decode(st, ret);
+}
+
 static int read_row(struct hub_twins *t, const char *device_id, struct twin_row *ret) {
-        sqlite3 *db;
-        int rc, k;
+        int k;
 
         if (!t || !device_id || !hub_device_id_valid(device_id))
                 return -EINVAL;
-        if (!t->st_get) {
-                db = hub_store_read_db(t->store);
-                if (!db)
-                        return -EIO;
-                rc = sqlite3_prepare_v3(db, "SELECT " ROW_COLUMNS ROW_FROM " WHERE d.device_id = ?1", -1,
-                                        SQLITE_PREPARE_PERSISTENT, &t->st_get, NULL);
-                if (rc != SQLITE_OK) {
-                        t->st_get = NULL;
-                        return hub_store_errno(rc);
-                }
-        }
-        rc = sqlite3_bind_text(t->st_get, 1, device_id, -1, SQLITE_STATIC);
-        if (rc == SQLITE_OK)
-                rc = sqlite3_step(t->st_get);
-        if (rc == SQLITE_ROW)
-                k = row_decode(t->st_get, ret);
-        else if (rc == SQLITE_DONE)
-                k = -ENOENT;
-        else
-                k = hub_store_errno(rc);
-        sqlite3_reset(t->st_get);
-        sqlite3_clear_bindings(t->st_get);
-        return k;
+        k = hub_store_prepare_cached(t->store, &t->st_get, "SELECT " ROW_COLUMNS ROW_FROM " WHERE d.device_id = ?1");
+        if (k < 0)
+                return k;
+        return hub_store_select_one(t->st_get, device_id, row_decode_fn, ret);
 }
 
 int hub_twin_get(struct hub_twins *t, const char *device_id, json_t **ret_full) {
@@ -605,23 +573,8 @@ static int parse_service_body(struct twin_op *op, json_t **ret_tags, json_t **re
 }
 
 static int select_row_txn(sqlite3 *db, const char *device_id, struct twin_row *ret) {
-        sqlite3_stmt *st = NULL;
-        int rc, k;
-
-        rc = sqlite3_prepare_v2(db, "SELECT " ROW_COLUMNS ROW_FROM " WHERE d.device_id = ?1", -1, &st, NULL);
-        if (rc != SQLITE_OK)
-                return hub_store_errno(rc);
-        rc = sqlite3_bind_text(st, 1, device_id, -1, SQLITE_STATIC);
-        if (rc == SQLITE_OK)
-                rc = sqlite3_step(st);
-        if (rc == SQLITE_ROW)
-                k = row_decode(st, ret);
-        else if (rc == SQLITE_DONE)
-                k = -ENOENT;
-        else
-                k = hub_store_errno(rc);
-        sqlite3_finalize(st);
-        return k;
+        return hub_store_select_one_sql(db, "SELECT " ROW_COLUMNS ROW_FROM " WHERE d.device_id = ?1", device_id,
+                                        row_decode_fn, ret);
 }
 
 static int bind_json(sqlite3_stmt *st, int i, const json_t *j) {

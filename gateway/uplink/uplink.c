@@ -42,6 +42,7 @@ struct gw_endpoint {
         char *last_error;
         uint64_t read_pos;   /* last seq handed out (or skipped) */
         uint64_t confirmed;  /* last seq confirmed in order */
+        uint64_t acked;      /* last seq handed to hub_outbox_ack() (or the cursor it had) */
         struct inflight *ring;
         size_t ring_cap, ring_head, ring_n, unconfirmed;
         sd_event_source *retry_timer, *pump_source;
@@ -131,13 +132,15 @@ static void ack_done(int result, void *ud) {
 }
 
 static void advance(struct gw_endpoint *ep) {
-        uint64_t before = ep->confirmed;
         while (ep->ring_n > 0 && ring_at(ep, 0)->done) {
                 ep->confirmed = ring_at(ep, 0)->seq;
                 ep->ring_head = (ep->ring_head + 1) % ep->ring_cap;
                 ep->ring_n--;
         }
-        if (ep->confirmed > before && ep->oep) {
+        /* Compared with what was last acknowledged, not with confirmed before this call:
+         * ring_push() moves confirmed itself over skipped messages when nothing is in flight. */
+        if (ep->confirmed > ep->acked && ep->oep) {
+                ep->acked = ep->confirmed;
                 int r = hub_outbox_ack(ep->u->hub->outbox, ep->oep, ep->confirmed, ack_done, NULL);
                 if (r < 0)
                         gw_log_full(LOG_WARNING, r, GW_FIELDS(.component = "uplink", .endpoint = ep->name),
@@ -305,7 +308,7 @@ static void pump(struct gw_endpoint *ep) {
                         struct hub_outbox_endpoint_stats st;
                         hub_outbox_endpoint_get_stats(ep->oep, &st);
                         if (st.cursor > ep->read_pos && ep->ring_n == 0)
-                                ep->read_pos = ep->confirmed = st.cursor;
+                                ep->read_pos = ep->confirmed = ep->acked = st.cursor;
                         break;
                 }
                 struct gw_ep_item *items = calloc(n, sizeof *items);
@@ -420,7 +423,7 @@ static void ep_tick(struct gw_endpoint *ep, uint64_t now) {
                             (unsigned long long) st.expiries);
         /* Dropped or expired messages move the cursor: the reader follows. */
         if (st.cursor > ep->read_pos && ep->ring_n == 0)
-                ep->read_pos = ep->confirmed = st.cursor;
+                ep->read_pos = ep->confirmed = ep->acked = st.cursor;
         ep->last_delivered = st.delivered;
         ep->last_drops = st.drops;
         ep->last_expiries = st.expiries;
@@ -490,7 +493,7 @@ static int ep_new(struct gw_uplink *u, const struct gw_endpoint_conf *c, struct 
         }
         struct hub_outbox_endpoint_stats st;
         hub_outbox_endpoint_get_stats(ep->oep, &st);
-        ep->read_pos = ep->confirmed = st.cursor;
+        ep->read_pos = ep->confirmed = ep->acked = st.cursor;
         ep->last_delivered = st.delivered;
         ep->last_drops = st.drops;
         ep->last_expiries = st.expiries;

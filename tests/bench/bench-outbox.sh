@@ -202,7 +202,7 @@ EOF
 )
 secs=$(python3 -c "import math; print(max(2, math.ceil(($BACKLOG - $start_backlog) / max(1, $per_sec) * 1.3)))")
 echo "bench-outbox: buffering about $BACKLOG messages (sink down) in ~$secs s" >&2
-load "$FH_PORT" "$FH_PID" --duration "$secs" --warmup 0 > /dev/null
+load "$FH_PORT" "$FH_PID" --duration "$secs" --warmup 1 > /dev/null  # (mqtt-load sends nothing with --warmup 0)
 backlog=$(eps | python3 -c 'import json,sys; print({e["name"]: e for e in json.load(sys.stdin)}["sink"]["backlog"]["count"])')
 echo "bench-outbox: sink backlog $backlog messages; starting the sink broker" >&2
 t0=$(date +%s.%N)

@@ -1204,7 +1204,9 @@ static void inject_will(struct mconn *mc) {
 
 static void on_close(struct gw_net_conn *c, int reason) {
         struct mconn *mc = gw_net_conn_get_userdata(c);
-        if (!mc)
+        /* Before on_open (a failed or never-started TLS handshake) the userdata is still the
+         * listener's, the struct gw_mqtt: nothing of ours to tear down. */
+        if (!mc || mc->magic != MCONN_MAGIC)
                 return;
         struct gw_mqtt *m = mc->m;
         mc->c = NULL;

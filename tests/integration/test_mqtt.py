@@ -498,6 +498,32 @@ def test_bad_input_closes_only_that_connection():
     hub.finish()
 
 
+def test_connections_that_never_finish_tls():
+    """A port scanner, a health check or a client that dies mid-handshake: the connection is
+    closed before the MQTT layer ever saw it, and nothing else is disturbed."""
+    hub = Hub()
+    for _ in range(5):
+        socket.create_connection(("127.0.0.1", hub.mport_mqtt)).close()
+    s = socket.create_connection(("127.0.0.1", hub.mport_mqtt))
+    s.sendall(b"\x16\x03\x01\x00\x05hello")  # the start of a ClientHello, then silence
+    s.close()
+    s = socket.create_connection(("127.0.0.1", hub.mport_mqtt))
+    s.sendall(b"GET / HTTP/1.1\r\n\r\n")  # not TLS at all
+    s.close()
+    time.sleep(0.5)
+    assert hub.daemon.alive(), hub.daemon.log()[-3000:]
+    # A real device still connects and publishes.
+    dev = "after-scan"
+    key = hub.key(hub.device(dev))
+    c = Client(hub, dev, sas(dev, key))
+    assert c.connected.wait(10) and c.rc == 0, c.rc
+    info = c.c.publish(f"devices/{dev}/messages/events/", b"ok", qos=1)
+    info.wait_for_publish(10)
+    assert info.is_published()
+    c.c.disconnect()
+    c.c.loop_stop()
+
+
 def test_c2d_offline_redelivery_and_takeover():
     hub = Hub()
     key = hub.key(hub.device("c1"))
@@ -821,6 +847,7 @@ def test_metrics():
 
 if __name__ == "__main__":
     main([test_example_session_bytes, test_connect_codes_and_quirks, test_telemetry_properties_and_will,
-          test_bad_input_closes_only_that_connection, test_c2d_offline_redelivery_and_takeover,
+          test_bad_input_closes_only_that_connection, test_connections_that_never_finish_tls,
+          test_c2d_offline_redelivery_and_takeover,
           test_revocation_within_one_second, test_keepalive_and_token_expiry, test_methods_and_twin_errors,
           test_x509, test_kill9_loses_nothing_acknowledged, test_throttling_shapes_traffic, test_metrics])

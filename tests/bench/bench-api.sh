@@ -15,7 +15,8 @@
 #   KEEP [0]        1: keep the work directory (logs)
 #   RT [0]          1: run every server, the SQLite loop and wrk SCHED_FIFO (as root; the same for
 #                   every contender), which keeps parallel builds on the machine off their cores
-#   PERF [0]        1: record one extra fieldhub GET and PATCH run with `perf record -g`
+#   PERF [0]        1: profile one extra fieldhub GET and PATCH run with perf (DWARF call graphs:
+#                   the release build has no frame pointers); flat and inclusive reports in OUT
 #   OUT [$BUILD_DIR/bench-api]  results.jsonl and summary.md
 #
 # Every process it starts is stopped by pid on exit; everything listens on 127.0.0.1 only; every
@@ -309,7 +310,7 @@ tail -1 "$RESULTS" >&2
 # ---- optional profile of fieldhubd -------------------------------------------------------------
 if [ "$PERF" = 1 ] && command -v perf >/dev/null; then
         for test in get patch; do
-                perf record -g -F 999 -p "$FH_PID" -o "$WORK/perf-$test.data" -- sleep "$DURATION" 2>/dev/null &
+                perf record --call-graph dwarf,16384 -F 499 -p "$FH_PID" -o "$WORK/perf-$test.data" -- sleep "$DURATION" 2>/dev/null &
                 PERF_PID=$!
                 NDEV=$NDEV timeout $((DURATION + 30)) $PRIO taskset -c "$GEN_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" \
                         -s "$HERE/wrk-$test.lua" -H "Authorization: $TOKEN" "https://127.0.0.1:$FH_PORT" >/dev/null 2>&1
@@ -317,7 +318,7 @@ if [ "$PERF" = 1 ] && command -v perf >/dev/null; then
                 perf report -i "$WORK/perf-$test.data" --no-children --sort dso,symbol --stdio -g none 2>/dev/null \
                         | grep '%' | head -50 > "$OUT/perf-$test.txt" || true
                 perf report -i "$WORK/perf-$test.data" --children --sort symbol --stdio -g none 2>/dev/null \
-                        | grep '%' | head -80 > "$OUT/perf-$test-children.txt" || true
+                        | grep '%' | grep -v ' 0x0000' | head -100 > "$OUT/perf-$test-children.txt" || true
         done
 fi
 FH_HWM=$(hwm_kib "$FH_PID")

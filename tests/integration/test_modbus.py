@@ -477,8 +477,9 @@ def test_rtu_port_errors():
 """)
     # RS-485 mode on a pseudo-terminal: ENOTTY, explained.
     daemon.wait_log(r"serial port .*a-gw does not support RS-485 mode \(TIOCSRS485: Inappropriate ioctl for device\)")
-    assert wait_for(lambda: reported(d, "rs485-dev")["modbus"]["state"] == "error", what="rs485-dev error")
-    assert "RS-485" in reported(d, "rs485-dev")["modbus"]["lastError"]
+    # State and error text arrive in the twin together or in successive patches: wait for both.
+    assert wait_for(lambda: (lambda m: m.get("state") == "error" and "RS-485" in (m.get("lastError") or ""))(
+        reported(d, "rs485-dev")["modbus"]), what="rs485-dev error naming RS-485")
     daemon.wait_log(r"serial port .*b-gw is taken: another process holds it exclusively \(TIOCEXCL\)")
     # One owner per port across adapters (adapter "one" claimed it first).
     daemon.wait_log(r"serial port .*a-gw is already owned by adapter \"one\"")

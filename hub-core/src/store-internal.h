@@ -11,6 +11,13 @@
 /* The connection inside a write function's transaction (commit thread only). */
 sqlite3 *hub_store_txn_db(struct hub_store_txn *txn);
 
+/* A statement on the transaction's connection for @sql, prepared once and kept for the
+ * store's lifetime (keyed by the address of @sql: pass a string literal). Returned reset,
+ * bindings cleared; the caller steps it and must not finalize it. -E2BIG when more than
+ * HUB_STORE_TXN_CACHE distinct statements are asked for (a programming error). */
+#define HUB_STORE_TXN_CACHE 64
+int hub_store_txn_prepare(struct hub_store_txn *txn, const char *sql, sqlite3_stmt **ret);
+
 /* The read-only connection for the owner's thread. */
 sqlite3 *hub_store_read_db(struct hub_store *s);
 

@@ -64,6 +64,16 @@ struct hub_store_txn {
         sqlite3 *db;
 };
 
+enum wstmt {
+        WSTMT_BEGIN,
+        WSTMT_COMMIT,
+        WSTMT_ROLLBACK,
+        WSTMT_SAVEPOINT,
+        WSTMT_RELEASE,
+        WSTMT_ROLLBACK_TO,
+        _WSTMT_MAX,
+};
+
 struct hub_store {
         char *dir;
         char *path;
@@ -80,6 +90,15 @@ struct hub_store {
         bool opened; /* fully opened: close records a clean shutdown */
 
         int lock_fd;  /* flock()ed <dir>/fieldhub.lock: one process per store */
+        /* The transaction-control statements of the commit thread, prepared once: parsing
+         * them for every write cost more than the writes' own SQL. */
+        sqlite3_stmt *wstmt[_WSTMT_MAX];
+        /* Statements of write functions (hub_store_txn_prepare), commit thread only. */
+        struct {
+                const char *sql;
+                sqlite3_stmt *st;
+        } txn_cache[HUB_STORE_TXN_CACHE];
+        size_t n_txn_cache;
         sqlite3 *wdb; /* writer: commit thread */
         sqlite3 *rdb; /* reader: owner's thread */
         int efd;
@@ -210,12 +229,58 @@ static int pragma_int(sqlite3 *db, const char *sql, int64_t *ret) {
 /* Runs one write under its own SAVEPOINT. Sets *ret_lost when SQLite rolled back the whole
  * transaction (it does so on some SQLITE_FULL, IOERR, NOMEM, BUSY errors): then nothing of
  * the group is left to commit. */
+int hub_store_txn_prepare(struct hub_store_txn *txn, const char *sql, sqlite3_stmt **ret) {
+        struct hub_store *s = txn->store;
+        sqlite3_stmt *st = NULL;
+        int rc;
+
+        for (size_t i = 0; i < s->n_txn_cache; i++)
+                if (s->txn_cache[i].sql == sql) {
+                        st = s->txn_cache[i].st;
+                        (void) sqlite3_reset(st);
+                        (void) sqlite3_clear_bindings(st);
+                        *ret = st;
+                        return 0;
+                }
+        if (s->n_txn_cache >= HUB_STORE_TXN_CACHE)
+                return -E2BIG;
+        rc = sqlite3_prepare_v3(txn->db, sql, -1, SQLITE_PREPARE_PERSISTENT, &st, NULL);
+        if (rc != SQLITE_OK)
+                return hub_store_errno(rc);
+        s->txn_cache[s->n_txn_cache].sql = sql;
+        s->txn_cache[s->n_txn_cache].st = st;
+        s->n_txn_cache++;
+        *ret = st;
+        return 0;
+}
+
+static int exec_w(struct hub_store *s, enum wstmt id) {
+        static const char *const sql[_WSTMT_MAX] = {
+                [WSTMT_BEGIN] = "BEGIN IMMEDIATE",
+                [WSTMT_COMMIT] = "COMMIT",
+                [WSTMT_ROLLBACK] = "ROLLBACK",
+                [WSTMT_SAVEPOINT] = "SAVEPOINT hub_write",
+                [WSTMT_RELEASE] = "RELEASE hub_write",
+                [WSTMT_ROLLBACK_TO] = "ROLLBACK TO hub_write",
+        };
+        int rc;
+
+        if (!s->wstmt[id]) {
+                rc = sqlite3_prepare_v3(s->wdb, sql[id], -1, SQLITE_PREPARE_PERSISTENT, &s->wstmt[id], NULL);
+                if (rc != SQLITE_OK)
+                        return rc;
+        }
+        rc = sqlite3_step(s->wstmt[id]);
+        (void) sqlite3_reset(s->wstmt[id]);
+        return rc == SQLITE_DONE ? SQLITE_OK : rc;
+}
+
 static int run_one(struct hub_store *s, struct store_write *w, bool *ret_lost) {
         struct hub_store_txn txn = { .store = s, .db = s->wdb };
         int rc, r;
 
         *ret_lost = false;
-        rc = exec(s->wdb, "SAVEPOINT hub_write");
+        rc = exec_w(s, WSTMT_SAVEPOINT);
         if (rc != SQLITE_OK) {
                 *ret_lost = sqlite3_get_autocommit(s->wdb);
                 return db_errno(s->wdb, rc);
@@ -228,14 +293,14 @@ static int run_one(struct hub_store *s, struct store_write *w, bool *ret_lost) {
                 return r < 0 ? r : -EIO;
         }
         if (r >= 0) {
-                rc = exec(s->wdb, "RELEASE hub_write");
+                rc = exec_w(s, WSTMT_RELEASE);
                 if (rc == SQLITE_OK)
                         return r;
                 r = db_errno(s->wdb, rc);
         }
         /* This write alone is undone; the others of the group are unaffected. */
-        (void) exec(s->wdb, "ROLLBACK TO hub_write");
-        (void) exec(s->wdb, "RELEASE hub_write");
+        (void) exec_w(s, WSTMT_ROLLBACK_TO);
+        (void) exec_w(s, WSTMT_RELEASE);
         if (sqlite3_get_autocommit(s->wdb))
                 *ret_lost = true;
         return r;
@@ -251,7 +316,7 @@ static void run_batch(struct hub_store *s, struct store_write *batch) {
                 uint64_t t0 = mono_now(s), n = 0;
                 int failure = 0, rc;
 
-                rc = exec(s->wdb, "BEGIN IMMEDIATE");
+                rc = exec_w(s, WSTMT_BEGIN);
                 if (rc != SQLITE_OK) {
                         failure = db_errno(s->wdb, rc);
                         for (w = seg; w; w = w->next, n++)
@@ -271,14 +336,14 @@ static void run_batch(struct hub_store *s, struct store_write *batch) {
                         end = w ? w->next : NULL;
 
                         if (failure == 0) {
-                                rc = exec(s->wdb, "COMMIT");
+                                rc = exec_w(s, WSTMT_COMMIT);
                                 if (rc != SQLITE_OK) {
                                         failure = db_errno(s->wdb, rc);
                                         if (!sqlite3_get_autocommit(s->wdb))
-                                                (void) exec(s->wdb, "ROLLBACK");
+                                                (void) exec_w(s, WSTMT_ROLLBACK);
                                 }
                         } else if (!sqlite3_get_autocommit(s->wdb))
-                                (void) exec(s->wdb, "ROLLBACK");
+                                (void) exec_w(s, WSTMT_ROLLBACK);
 
                         if (failure < 0)
                                 /* Nothing of this group is in the database: all of it fails. */
@@ -862,6 +927,10 @@ static void store_free(struct hub_store *s) {
                 return;
         if (s->rdb)
                 (void) sqlite3_close(s->rdb);
+        for (size_t i = 0; i < _WSTMT_MAX; i++)
+                (void) sqlite3_finalize(s->wstmt[i]);
+        for (size_t i = 0; i < s->n_txn_cache; i++)
+                (void) sqlite3_finalize(s->txn_cache[i].st);
         if (s->wdb)
                 (void) sqlite3_close(s->wdb);
         if (s->efd >= 0)

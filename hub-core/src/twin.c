@@ -572,9 +572,12 @@ static int parse_service_body(struct twin_op *op, json_t **ret_tags, json_t **re
         return 0;
 }
 
-static int select_row_txn(sqlite3 *db, const char *device_id, struct twin_row *ret) {
-        return hub_store_select_one_sql(db, "SELECT " ROW_COLUMNS ROW_FROM " WHERE d.device_id = ?1", device_id,
-                                        row_decode_fn, ret);
+static const char select_row_sql[] = "SELECT " ROW_COLUMNS ROW_FROM " WHERE d.device_id = ?1";
+
+static int select_row_txn(struct hub_store_txn *txn, const char *device_id, struct twin_row *ret) {
+        sqlite3_stmt *st;
+        int r = hub_store_txn_prepare(txn, select_row_sql, &st);
+        return r < 0 ? r : hub_store_select_one(st, device_id, row_decode_fn, ret);
 }
 
 static int bind_json(sqlite3_stmt *st, int i, const json_t *j) {
@@ -585,23 +588,24 @@ static int bind_json(sqlite3_stmt *st, int i, const json_t *j) {
         return sqlite3_bind_text(st, i, s, -1, free);
 }
 
-static int write_row_txn(sqlite3 *db, const struct twin_row *r) {
+static const char write_row_sql[] =
+        "INSERT INTO twins (device_id, module_id, version, etag_counter, model_id, tags, "
+        "desired, desired_version, desired_meta, reported, reported_version, reported_meta) "
+        "VALUES (?1, '', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) "
+        "ON CONFLICT (device_id, module_id) DO UPDATE SET version = excluded.version, "
+        "etag_counter = excluded.etag_counter, model_id = excluded.model_id, "
+        "tags = excluded.tags, desired = excluded.desired, "
+        "desired_version = excluded.desired_version, desired_meta = excluded.desired_meta, "
+        "reported = excluded.reported, reported_version = excluded.reported_version, "
+        "reported_meta = excluded.reported_meta";
+
+static int write_row_txn(struct hub_store_txn *txn, const struct twin_row *r) {
         sqlite3_stmt *st = NULL;
         int rc;
 
-        rc = sqlite3_prepare_v2(db,
-                                "INSERT INTO twins (device_id, module_id, version, etag_counter, model_id, tags, "
-                                "desired, desired_version, desired_meta, reported, reported_version, reported_meta) "
-                                "VALUES (?1, '', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) "
-                                "ON CONFLICT (device_id, module_id) DO UPDATE SET version = excluded.version, "
-                                "etag_counter = excluded.etag_counter, model_id = excluded.model_id, "
-                                "tags = excluded.tags, desired = excluded.desired, "
-                                "desired_version = excluded.desired_version, desired_meta = excluded.desired_meta, "
-                                "reported = excluded.reported, reported_version = excluded.reported_version, "
-                                "reported_meta = excluded.reported_meta",
-                                -1, &st, NULL);
-        if (rc != SQLITE_OK)
-                return hub_store_errno(rc);
+        rc = hub_store_txn_prepare(txn, write_row_sql, &st);
+        if (rc < 0)
+                return rc;
         if ((rc = sqlite3_bind_text(st, 1, r->dev.device_id, -1, SQLITE_STATIC)) != SQLITE_OK ||
             (rc = sqlite3_bind_int64(st, 2, r->version)) != SQLITE_OK ||
             (rc = sqlite3_bind_int64(st, 3, r->etag_counter)) != SQLITE_OK ||
@@ -617,7 +621,9 @@ static int write_row_txn(sqlite3 *db, const struct twin_row *r) {
         if (rc == SQLITE_DONE)
                 rc = SQLITE_OK;
 out:
-        sqlite3_finalize(st);
+        /* Reset at once: the bound JSON texts are freed, and the statement holds no lock. */
+        (void) sqlite3_reset(st);
+        (void) sqlite3_clear_bindings(st);
         return rc == SQLITE_OK ? 0 : hub_store_errno(rc);
 }
 
@@ -741,14 +747,13 @@ static int op_apply(struct twin_op *op, struct twin_row *row) {
 
 static int op_write(struct hub_store_txn *txn, void *userdata) {
         struct twin_op *op = userdata;
-        sqlite3 *db = hub_store_txn_db(txn);
         struct twin_row row;
         char etag[16];
         int k;
 
         hub_time_format_iso8601(hub_clock_now(op->t->clock), op->now);
 
-        k = select_row_txn(db, op->device_id, &row);
+        k = select_row_txn(txn, op->device_id, &row);
         if (k == -ENOENT)
                 return op_fail(op, -ENOENT, "device %s not found", op->device_id);
         if (k == -EBADMSG)
@@ -773,7 +778,7 @@ static int op_write(struct hub_store_txn *txn, void *userdata) {
         if (k < 0)
                 goto out;
         if (op->changed) {
-                k = write_row_txn(db, &row);
+                k = write_row_txn(txn, &row);
                 if (k < 0) {
                         k = op_fail(op, k, "store error writing the twin of %s", op->device_id);
                         goto out;

@@ -509,6 +509,12 @@ static int parse_endpoint(struct gw_routing_conf *c, const struct adp_conf_node 
         c->n_endpoints++; /* owned from here on: freed with the configuration */
         if (type == GW_ENDPOINT_UPSTREAM)
                 ep->keep_alive_usec = 240 * USEC_PER_SEC;
+        else
+                /* One connection to a broker, webhook or file: retrying every second at most
+                 * lets a drain start within a second of the far side coming back. The upstream
+                 * endpoint keeps 10 s: it opens one connection per device to a cloud hub that
+                 * throttles new connections. */
+                ep->retry_max_usec = USEC_PER_SEC;
         (void) check_keys_of(item, type, e);
 
         if (adp_conf_get_map(item, "queue", false, e, &sub) == 0) {

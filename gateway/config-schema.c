@@ -471,9 +471,35 @@ static int check_listen_address(const struct adp_conf_node *n, const char *s, bo
         return 0;
 }
 
+/* `listen:` of a listener section: a list of distinct addresses (each checked), or the
+ * default when the key is absent. *ret_listen gets a NULL-terminated list, left NULL for `[]`
+ * (which turns the listener off). Returns 0 or -ENOMEM; errors go to e. */
+static int parse_listen(const struct adp_conf_node *section, const char *def, struct adp_conf_errors *e,
+                        char ***ret_listen) {
+        const struct adp_conf_node *seq;
+        size_t n = 0;
+        int r = adp_conf_get_seq(section, "listen", false, e, &seq);
+
+        if (r == -ENOENT)
+                return strv_push(ret_listen, &n, def) < 0 ? -ENOMEM : 0;
+        if (r < 0)
+                return 0;
+        for (size_t i = 0; i < adp_conf_len(seq); i++) {
+                const struct adp_conf_node *a = adp_conf_at(seq, i);
+                const char *s;
+                if (adp_conf_parse_string(a, e, &s) < 0 || check_listen_address(a, s, NULL, e) < 0)
+                        continue;
+                for (size_t j = 0; j < i; j++)
+                        if (adp_conf_scalar(adp_conf_at(seq, j)) && streq(adp_conf_scalar(adp_conf_at(seq, j)), s))
+                                adp_conf_error(e, a, "duplicate listen address \"%s\", expected each address once", s);
+                if (strv_push(ret_listen, &n, s) < 0)
+                        return -ENOMEM;
+        }
+        return 0;
+}
+
 static int parse_service_api(struct gw_config *c, const struct adp_conf_node *root, struct adp_conf_errors *e) {
-        const struct adp_conf_node *api, *seq, *tls, *lim;
-        size_t n_listen = 0;
+        const struct adp_conf_node *api, *tls, *lim;
         uint64_t v;
         int r;
 
@@ -484,26 +510,11 @@ static int parse_service_api(struct gw_config *c, const struct adp_conf_node *ro
         c->api_enabled = true;
         (void) adp_conf_get_bool(api, "allow_plaintext", false, e, &c->api_allow_plaintext);
 
-        r = adp_conf_get_seq(api, "listen", false, e, &seq);
-        if (r == 0) {
-                if (adp_conf_len(seq) == 0)
-                        c->api_enabled = false; /* listen: [] turns the service API off */
-                for (size_t i = 0; i < adp_conf_len(seq); i++) {
-                        const struct adp_conf_node *a = adp_conf_at(seq, i);
-                        const char *s;
-                        if (adp_conf_parse_string(a, e, &s) < 0 || check_listen_address(a, s, NULL, e) < 0)
-                                continue;
-                        for (size_t j = 0; j < i; j++)
-                                if (adp_conf_scalar(adp_conf_at(seq, j)) &&
-                                    streq(adp_conf_scalar(adp_conf_at(seq, j)), s))
-                                        adp_conf_error(e, a, "duplicate listen address \"%s\", expected each address once", s);
-                        if (strv_push(&c->api_listen, &n_listen, s) < 0)
-                                return -ENOMEM;
-                }
-        } else if (r == -ENOENT) {
-                if (strv_push(&c->api_listen, &n_listen, GW_CONFIG_API_LISTEN_DEFAULT) < 0)
-                        return -ENOMEM;
-        }
+        r = parse_listen(api, GW_CONFIG_API_LISTEN_DEFAULT, e, &c->api_listen);
+        if (r == -ENOMEM)
+                return r;
+        if (!c->api_listen || !c->api_listen[0])
+                c->api_enabled = false; /* listen: [] turns the service API off */
 
         r = adp_conf_get_map(api, "tls", false, e, &tls);
         if (r == 0) {
@@ -543,8 +554,7 @@ static int parse_service_api(struct gw_config *c, const struct adp_conf_node *ro
 }
 
 static int parse_mqtt(struct gw_config *c, const struct adp_conf_node *root, struct adp_conf_errors *e) {
-        const struct adp_conf_node *m, *seq, *tls, *lim;
-        size_t n_listen = 0;
+        const struct adp_conf_node *m, *tls, *lim;
         uint64_t v;
         int r;
 
@@ -555,26 +565,11 @@ static int parse_mqtt(struct gw_config *c, const struct adp_conf_node *root, str
         c->mqtt_enabled = true;
         (void) adp_conf_get_bool(m, "allow_plaintext", false, e, &c->mqtt_allow_plaintext);
 
-        r = adp_conf_get_seq(m, "listen", false, e, &seq);
-        if (r == 0) {
-                if (adp_conf_len(seq) == 0)
-                        c->mqtt_enabled = false; /* listen: [] turns MQTT off */
-                for (size_t i = 0; i < adp_conf_len(seq); i++) {
-                        const struct adp_conf_node *a = adp_conf_at(seq, i);
-                        const char *s;
-                        if (adp_conf_parse_string(a, e, &s) < 0 || check_listen_address(a, s, NULL, e) < 0)
-                                continue;
-                        for (size_t j = 0; j < i; j++)
-                                if (adp_conf_scalar(adp_conf_at(seq, j)) &&
-                                    streq(adp_conf_scalar(adp_conf_at(seq, j)), s))
-                                        adp_conf_error(e, a, "duplicate listen address \"%s\", expected each address once", s);
-                        if (strv_push(&c->mqtt_listen, &n_listen, s) < 0)
-                                return -ENOMEM;
-                }
-        } else if (r == -ENOENT) {
-                if (strv_push(&c->mqtt_listen, &n_listen, GW_CONFIG_MQTT_LISTEN_DEFAULT) < 0)
-                        return -ENOMEM;
-        }
+        r = parse_listen(m, GW_CONFIG_MQTT_LISTEN_DEFAULT, e, &c->mqtt_listen);
+        if (r == -ENOMEM)
+                return r;
+        if (!c->mqtt_listen || !c->mqtt_listen[0])
+                c->mqtt_enabled = false; /* listen: [] turns MQTT off */
 
         r = adp_conf_get_map(m, "tls", false, e, &tls);
         if (r == 0) {

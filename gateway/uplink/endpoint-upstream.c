@@ -11,6 +11,19 @@
  * the cloud (C2D into its local queue, methods, desired properties) also while it is offline
  * here. Each connection retries on its own with exponential backoff and ±25% jitter.
  *
+ * Reconnecting after an outage: retry.max is long (10 s by default: one connection per device
+ * to a cloud that throttles new connections), so while devices wait after a transport failure
+ * (not a CONNACK refusal) the endpoint probes the cloud's address every 250 ms with a
+ * non-blocking TCP connect on the loop, closed as soon as it is answered (no TLS, no MQTT:
+ * nothing the cloud counts as a connection attempt). Once a probe that had failed succeeds,
+ * every waiting device retries at once (spread over 20 ms per device, at most 500 ms) and
+ * "upstream NAME reachable again after Xs" is logged: once per outage (the next outage
+ * begins after a device connected again). An address that answers from the first probe on
+ * (the cloud dropped a connection, or refuses above TCP) leaves the backoff alone. paho adds
+ * about a second to a connection when none of the process's paho connections is up (its
+ * receive thread notices a new socket only after its 1 s poll), so the first message
+ * reaches the cloud about 1.2 s after it is back.
+ *
  * Up (the framework hands messages in order; each device has its own queue):
  *   - device messages (iothub-message-source Telemetry): QoS 1 publish to
  *     devices/{id}/messages/events/{bag}; confirmed on paho's success callback (PUBACK);
@@ -26,13 +39,24 @@
  * Down:
  *   - C2D (devices/{id}/messages/devicebound/#, QoS 1): the message goes into the device's
  *     durable local queue (hub_queue_send) and reaches the device when it next connects.
- *     Known window: paho.mqtt.c sends the PUBACK of a QoS 1 publish *before* it calls the
- *     arrival callback (MQTTProtocol_handlePublishes), and calls it with its global mutex
- *     held (so the callback must not wait for the loop, which calls paho too). The cloud
- *     therefore counts the message delivered once it is in this process's memory; a crash
- *     in the few milliseconds before the local group commit loses it, and a local refusal
- *     (queue full, store error) is logged as a loss. Closing the window needs an MQTT client
- *     with manual acknowledgement (one on gateway/net) instead of paho;
+ *     C2D durability: paho.mqtt.c 1.3.x calls the arrival callback from its receive thread
+ *     *before* it sends the PUBACK (MQTTProtocol_handlePublishes: Protocol_processPublication,
+ *     then the PUBACK, whatever the callback returned: 0 only makes paho call it again from
+ *     its memory), and with its global mutex held, which every paho call of the process
+ *     (the loop's too) waits for. So the callback cannot wait for the loop's enqueue (a
+ *     deadlock) but can make the message durable itself: it writes it to its own file in
+ *     the endpoint's spool (<state>/upstream-NAME.c2d/, file and directory fsync'ed) before
+ *     returning, and only then does the PUBACK leave. The loop queues it and removes the file
+ *     once committed; the next start queues whatever is left (a crash or stop in between;
+ *     a torn file was never acknowledged and is removed). A store failure that may pass
+ *     (disk full, I/O, busy) leaves the file, queued again 5 s later (and at the next start;
+ *     the device's C2D order may then change); a refusal that never passes
+ *     (unknown device, queue full) is logged as a loss. Redeliveries (the PUBACK lost on a
+ *     dropped connection, or a crash between the spool and the PUBACK) carry the same
+ *     message id: the last 64 ids per device are remembered (also those queued from the
+ *     spool) and a repeat is dropped; beyond that, at-least-once. The two fsyncs hold paho's
+ *     mutex for their duration, once per C2D message (which IoT Hub limits to a few per
+ *     device and minute);
  *   - direct methods ($iothub/methods/POST/#): invoked on the local session; its answer is
  *     published as $iothub/methods/res/{status}/?$rid=. A device that is not online here is
  *     answered like the Edge hub does: status 404 with {"errorCode":404103,...DeviceNotOnline};
@@ -48,12 +72,18 @@
  * registry REST API (PUT /devices/{id}, reference §5.2, a policy token) on a short-lived
  * thread (blocking libcurl, 10 s at most, joined on destroy), then reconnects. */
 
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
+#include <libgen.h>
+#include <netdb.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -72,6 +102,7 @@
 #include "hub/queue.h"
 #include "hub/random.h"
 #include "hub/registry.h"
+#include "hub/store.h"
 #include "hub/twin.h"
 #include "hub/urlenc.h"
 #include "log.h"
@@ -80,6 +111,10 @@
 #define UP_API_VERSION "2021-04-12"
 #define UP_CLIENT_TYPE "fieldhub%2F0.1"
 #define UP_CTX_RING 16u
+#define UP_SEEN_RING 64u                        /* C2D message ids remembered per device */
+#define UP_PROBE_USEC (250 * USEC_PER_MSEC)     /* reachability probe period during an outage */
+#define UP_PROBE_TIMEOUT_USEC (3 * USEC_PER_SEC) /* a probe connect unanswered this long: down */
+#define UP_SPOOL_MAGIC "FHC2D1"
 
 enum ev_kind { EV_CONNECTED, EV_CONNECT_FAILED, EV_LOST, EV_SUBSCRIBED, EV_PUB_OK, EV_PUB_FAILED, EV_ARRIVED,
                EV_CREATED };
@@ -105,6 +140,8 @@ struct up_ev {
         char *topic;
         void *payload;
         size_t len;
+        char *spool_path;       /* C2D: its spool file (NULL: not spooled, spool_error says why) */
+        int spool_error;
 };
 
 struct up_item {
@@ -125,6 +162,7 @@ struct up_dev {
         struct conn_ctx ctx[UP_CTX_RING];
         unsigned failures;
         bool down_logged;
+        bool refused;                  /* the last attempt got a CONNACK refusal: not probed */
         sd_event_source *timer;        /* backoff retry, or token renewal while up */
         struct up_item *q;             /* in order; [0, next_send) handed to paho */
         size_t q_head, q_n, q_cap, next_send;
@@ -132,6 +170,8 @@ struct up_dev {
         unsigned get_rid;              /* rid of the twin GET under way (0: none) */
         bool twin_synced;
         int64_t cloud_desired_version;
+        char *seen[UP_SEEN_RING];      /* recent C2D message ids (redeliveries are dropped) */
+        unsigned seen_next;
         /* create_missing: one registry request at a time, on its own thread */
         pthread_t create_thread;
         bool creating, create_tried;
@@ -150,6 +190,26 @@ struct up_ep {
         struct method_ctx *calls;
         char *create_policy, *create_key, *registry_url;
         bool active;
+        /* The C2D spool (see "C2D durability" above): one fsync'ed file per message received
+         * and not yet committed to the local queue. spool_lock guards spool_last (paho's
+         * threads and the loop). */
+        char *spool_dir;
+        int spool_dirfd;
+        pthread_mutex_t spool_lock;
+        uint64_t spool_last;
+        sd_event_source *spool_timer;  /* queues the spool again after a failure that may pass */
+        struct up_ep *spool_next_ep;   /* in up_eps */
+        /* The reachability probe (see "Reconnecting after an outage" above). */
+        char *probe_host, probe_port[8];
+        sd_event_source *probe_timer, *probe_io;
+        int probe_fd;
+        bool probe_running, probe_spent, probe_saw_down, gai_busy, have_addr;
+        uint64_t probe_sent;           /* when the pending probe connect started */
+        struct gaicb gai;
+        struct addrinfo gai_hints;
+        struct sockaddr_storage probe_addr;
+        socklen_t probe_addrlen;
+        uint64_t outage_start;
 };
 
 #define UP_LOG(d, lvl, err, ...) \
@@ -166,6 +226,7 @@ static void free_ev(struct gw_paho_item *it) {
         struct up_ev *e = (struct up_ev *) it;
         free(e->topic);
         free(e->payload);
+        free(e->spool_path);
         free(e);
 }
 
@@ -224,8 +285,97 @@ static bool is_c2d_topic(const char *topic) {
         return strncmp(topic, "devices/", 8) == 0 && strstr(topic, "/messages/devicebound");
 }
 
-/* paho's thread, with paho's global mutex held: copy, hand to the loop, never wait. Returns 1
- * (consumed) or 0 (out of memory: paho offers it again later). */
+/* ---- the C2D spool -------------------------------------------------------------------------- */
+
+/* FNV-1a 64: detects a spool file torn by a crash before its fsync completed (such a file was
+ * never acknowledged to the cloud). */
+static uint64_t fnv64(uint64_t h, const void *p, size_t n) {
+        const unsigned char *b = p;
+        for (size_t i = 0; i < n; i++) {
+                h ^= b[i];
+                h *= 0x100000001b3ULL;
+        }
+        return h;
+}
+
+static uint64_t spool_hash(const char *device, const char *topic, const void *payload, size_t len) {
+        uint64_t h = fnv64(0xcbf29ce484222325ULL, device, strlen(device) + 1);
+        h = fnv64(h, topic, strlen(topic) + 1);
+        return fnv64(h, payload, len);
+}
+
+static int write_all(int fd, const void *p, size_t n) {
+        const char *b = p;
+        while (n > 0) {
+                ssize_t k = write(fd, b, n);
+                if (k < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        return -errno;
+                }
+                b += k;
+                n -= (size_t) k;
+        }
+        return 0;
+}
+
+/* Any thread (paho's). Writes one C2D message to its own file in the spool and makes it
+ * durable (file and directory fsync'ed) before returning; *ret_path is its path. -errno. */
+static int spool_write(struct up_ep *u, const char *device, const char *topic, const void *payload, size_t len,
+                       char **ret_path) {
+        _cleanup_free_ char *head = NULL, *path = NULL;
+        char name[32];
+        uint64_t id;
+        int fd, r, hl;
+
+        if (u->spool_dirfd < 0)
+                return -EBADF;
+        /* A name another run of the endpoint took meanwhile (a reload) is skipped. */
+        for (int tries = 0;; tries++) {
+                pthread_mutex_lock(&u->spool_lock);
+                id = ++u->spool_last;
+                pthread_mutex_unlock(&u->spool_lock);
+                snprintf(name, sizeof name, "%020" PRIu64 ".c2d", id);
+                fd = openat(u->spool_dirfd, name, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+                if (fd >= 0)
+                        break;
+                if (errno != EEXIST || tries >= 100)
+                        return -errno;
+        }
+        hl = asprintf(&head, UP_SPOOL_MAGIC " %zu %zu %zu %016" PRIx64 "\n", strlen(device), strlen(topic), len,
+                      spool_hash(device, topic, payload, len));
+        if (hl < 0)
+                head = NULL;
+        if (asprintf(&path, "%s/%s", u->spool_dir, name) < 0)
+                path = NULL;
+        r = head && path ? write_all(fd, head, (size_t) hl) : -ENOMEM;
+        if (r >= 0)
+                r = write_all(fd, device, strlen(device) + 1);
+        if (r >= 0)
+                r = write_all(fd, topic, strlen(topic) + 1);
+        if (r >= 0)
+                r = write_all(fd, payload, len);
+        if (r >= 0 && fdatasync(fd) < 0)
+                r = -errno;
+        if (close(fd) < 0 && r >= 0)
+                r = -errno;
+        if (r >= 0 && fsync(u->spool_dirfd) < 0)
+                r = -errno;
+        if (r < 0) {
+                (void) unlinkat(u->spool_dirfd, name, 0);
+                return r;
+        }
+        *ret_path = TAKE_PTR(path);
+        return 0;
+}
+
+/* paho's thread, with paho's global mutex held (every other paho call of the process, the
+ * loop's included, waits meanwhile): copy, make a C2D message durable in the spool, hand it
+ * to the loop. paho sends the PUBACK of a QoS 1 message only once this returns (whatever it
+ * returns: 0 makes paho call again later from its memory, it does not withhold the PUBACK),
+ * so the cloud counts a C2D message delivered only once it is on disk here. Never waits for
+ * the loop (which calls paho, so it would wait for this callback: a deadlock). Returns 1, or
+ * 0 when out of memory. */
 static int on_arrived(void *context, char *topic, int topic_len, MQTTAsync_message *msg) {
         struct up_dev *d = context;
         size_t tl = topic_len > 0 ? (size_t) topic_len : strlen(topic);
@@ -243,6 +393,8 @@ static int on_arrived(void *context, char *topic, int topic_len, MQTTAsync_messa
         if (e->len)
                 memcpy(e->payload, msg->payload, e->len);
         ((char *) e->payload)[e->len] = 0;
+        if (is_c2d_topic(e->topic))
+                e->spool_error = spool_write(d->u, d->id, e->topic, e->payload, e->len, &e->spool_path);
         gw_paho_inbox_post(d->u->inbox, &e->item);
         MQTTAsync_freeMessage(&msg);
         MQTTAsync_free(topic);
@@ -304,6 +456,8 @@ static void q_rewind(struct up_dev *d) {
 /* ---- connections --------------------------------------------------------------------------- */
 
 static void dev_connect(struct up_dev *d);
+static struct up_dev *find_dev(struct up_ep *u, const char *id);
+static void probe_start(struct up_ep *u);
 static void create_identity(struct up_dev *d);
 static void on_created(struct up_dev *d, int status);
 
@@ -367,6 +521,190 @@ static void dev_down(struct up_dev *d, const char *why) {
         d->get_rid = 0;
         q_rewind(d);
         arm_timer(d, mono_now() + backoff_delay(d));
+        if (!d->refused)
+                probe_start(d->u);
+}
+
+/* ---- the reachability probe ------------------------------------------------------------------ */
+
+/* Devices waiting for their retry after a transport failure (not a refusal by the cloud). */
+static size_t probe_waiting(struct up_ep *u) {
+        size_t n = 0;
+        for (size_t i = 0; i < u->n_devs; i++)
+                if (u->devs[i].state == DEV_BACKOFF && !u->devs[i].refused && !u->devs[i].creating)
+                        n++;
+        return n;
+}
+
+static void probe_close(struct up_ep *u) {
+        u->probe_io = sd_event_source_disable_unref(u->probe_io);
+        if (u->probe_fd >= 0)
+                close(u->probe_fd);
+        u->probe_fd = -1;
+}
+
+static void probe_stop(struct up_ep *u) {
+        probe_close(u);
+        if (u->probe_timer)
+                (void) sd_event_source_set_enabled(u->probe_timer, SD_EVENT_OFF);
+        u->probe_running = false;
+}
+
+static void probe_arm(struct up_ep *u, uint64_t usec) {
+        if (sd_event_source_set_time(u->probe_timer, mono_now() + usec) >= 0)
+                (void) sd_event_source_set_enabled(u->probe_timer, SD_EVENT_ONESHOT);
+}
+
+/* A device went down with a transport failure: probe the cloud's address every UP_PROBE_USEC
+ * until it answers, once per outage (an outage ends when a device connects again). */
+static void probe_start(struct up_ep *u) {
+        if (!u->active || !u->probe_timer || u->probe_spent || u->probe_running)
+                return;
+        if (!u->outage_start)
+                u->outage_start = mono_now();
+        u->probe_running = true;
+        u->probe_saw_down = false;
+        u->have_addr = false; /* resolved again for every outage */
+        probe_arm(u, UP_PROBE_USEC);
+}
+
+/* The cloud accepts TCP connections again: every device waiting after a transport failure
+ * retries now, spread over a few milliseconds each (at most half a second), instead of at
+ * the end of its backoff (up to retry.max). */
+static void probe_reachable(struct up_ep *u) {
+        uint64_t now = mono_now();
+        size_t n = probe_waiting(u);
+        if (!u->probe_saw_down) {
+                /* Reachable from the first probe on: no network outage (the cloud closed a
+                 * connection, or refuses above TCP): the devices keep their backoff, so that
+                 * a cloud that keeps dropping them is not hammered. */
+                gw_log_full(LOG_DEBUG, 0, GW_FIELDS(.component = "uplink", .endpoint = gw_endpoint_name(u->ep)),
+                            "Upstream %s: the cloud's address answers; the devices keep their backoff",
+                            gw_endpoint_name(u->ep));
+                u->probe_spent = true;
+                u->outage_start = 0;
+                probe_stop(u);
+                return;
+        }
+        uint64_t span = n * 20 * USEC_PER_MSEC;
+        if (span < 20 * USEC_PER_MSEC)
+                span = 20 * USEC_PER_MSEC;
+        if (span > 500 * USEC_PER_MSEC)
+                span = 500 * USEC_PER_MSEC;
+        gw_log_full(LOG_NOTICE, 0, GW_FIELDS(.component = "uplink", .endpoint = gw_endpoint_name(u->ep)),
+                    "upstream %s reachable again after %.1fs (%s:%s answers); reconnecting %zu device%s now",
+                    gw_endpoint_name(u->ep), (double) (now - u->outage_start) / USEC_PER_SEC, u->probe_host,
+                    u->probe_port, n, n == 1 ? "" : "s");
+        for (size_t i = 0; i < u->n_devs; i++) {
+                struct up_dev *d = &u->devs[i];
+                if (d->state != DEV_BACKOFF || d->refused || d->creating)
+                        continue;
+                uint32_t rnd = 0;
+                (void) hub_random_bytes(&rnd, sizeof rnd);
+                d->failures = 0;
+                arm_timer(d, now + rnd % span);
+        }
+        u->probe_spent = true;
+        u->outage_start = 0;
+        probe_stop(u);
+}
+
+static int on_probe_io(sd_event_source *s, int fd, uint32_t revents, void *ud) {
+        struct up_ep *u = ud;
+        int err = 0;
+        socklen_t l = sizeof err;
+        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &l) < 0)
+                err = errno;
+        probe_close(u);
+        if (err != 0)
+                u->probe_saw_down = true;
+        else if (u->probe_running)
+                probe_reachable(u);
+        return 0;
+}
+
+/* 0: u->probe_addr is set; 1: resolving (getaddrinfo_a, polled); -errno: failed. */
+static int probe_resolve(struct up_ep *u) {
+        if (!u->gai_busy) {
+                struct addrinfo hints = { .ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICHOST | AI_NUMERICSERV },
+                                *res = NULL;
+                if (getaddrinfo(u->probe_host, u->probe_port, &hints, &res) == 0 && res) {
+                        memcpy(&u->probe_addr, res->ai_addr, res->ai_addrlen);
+                        u->probe_addrlen = res->ai_addrlen;
+                        u->have_addr = true;
+                        freeaddrinfo(res);
+                        return 0;
+                }
+                if (res)
+                        freeaddrinfo(res);
+                u->gai_hints = (struct addrinfo) { .ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV };
+                u->gai = (struct gaicb) { .ar_name = u->probe_host, .ar_service = u->probe_port,
+                                          .ar_request = &u->gai_hints };
+                struct gaicb *list[1] = { &u->gai };
+                if (getaddrinfo_a(GAI_NOWAIT, list, 1, NULL) != 0)
+                        return -EAGAIN;
+                u->gai_busy = true;
+        }
+        int r = gai_error(&u->gai);
+        if (r == EAI_INPROGRESS)
+                return 1;
+        u->gai_busy = false;
+        if (r == 0 && u->gai.ar_result && u->gai.ar_result->ai_addrlen <= sizeof u->probe_addr) {
+                memcpy(&u->probe_addr, u->gai.ar_result->ai_addr, u->gai.ar_result->ai_addrlen);
+                u->probe_addrlen = u->gai.ar_result->ai_addrlen;
+                u->have_addr = true;
+        }
+        if (u->gai.ar_result)
+                freeaddrinfo(u->gai.ar_result);
+        u->gai.ar_result = NULL;
+        return u->have_addr ? 0 : -EHOSTUNREACH;
+}
+
+/* Every UP_PROBE_USEC while devices wait: a non-blocking TCP connect to the cloud's address,
+ * closed as soon as it is answered (no TLS, no MQTT: it does not count as a connection
+ * attempt). */
+static int on_probe_timer(sd_event_source *s, uint64_t usec, void *ud) {
+        struct up_ep *u = ud;
+        if (!u->active || probe_waiting(u) == 0) {
+                probe_stop(u); /* they connected (or only refused devices wait) */
+                u->outage_start = 0;
+                return 0;
+        }
+        if (u->probe_fd >= 0) {
+                if (mono_now() - u->probe_sent < UP_PROBE_TIMEOUT_USEC) {
+                        probe_arm(u, UP_PROBE_USEC); /* a long round trip: let it answer */
+                        return 0;
+                }
+                probe_close(u);
+                u->probe_saw_down = true;
+        }
+        int r = u->have_addr ? 0 : probe_resolve(u);
+        if (r == 1) {
+                probe_arm(u, 100 * USEC_PER_MSEC);
+                return 0;
+        }
+        if (r < 0)
+                u->probe_saw_down = true;
+        else {
+                int fd = socket(u->probe_addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+                if (fd >= 0) {
+                        if (connect(fd, (struct sockaddr *) &u->probe_addr, u->probe_addrlen) == 0) {
+                                close(fd);
+                                probe_reachable(u);
+                                return 0;
+                        }
+                        if (errno == EINPROGRESS &&
+                            sd_event_add_io(gw_endpoint_event(u->ep), &u->probe_io, fd, EPOLLOUT, on_probe_io, u) >= 0) {
+                                u->probe_fd = fd;
+                                u->probe_sent = mono_now();
+                        } else {
+                                close(fd); /* refused at once: still down */
+                                u->probe_saw_down = true;
+                        }
+                }
+        }
+        probe_arm(u, UP_PROBE_USEC);
+        return 0;
 }
 
 static void dev_connect(struct up_dev *d) {
@@ -528,42 +866,278 @@ static void confirm_item(struct up_dev *d, struct up_item *it) {
 
 /* ---- downstream ------------------------------------------------------------------------------ */
 
+/* A local enqueue under way. Independent of the endpoint (its completion may run after the
+ * endpoint is gone, when the store closes). */
+struct c2d_ctx {
+        char *device;
+        char *spool_path; /* removed once the message is in the local queue (or can never be) */
+        struct c2d_ctx *prev, *next;
+};
+
+/* Loop thread: the enqueues under way with a spool file, of every upstream endpoint of the
+ * process, so that an endpoint created again by a reload does not queue those files twice. */
+static struct c2d_ctx *c2d_inflight;
+/* Loop thread: the upstream endpoints alive, to retry their spools after a failure that may
+ * pass (a completion may outlive its endpoint, so it does not point to it). */
+static struct up_ep *up_eps;
+
+#define UP_SPOOL_RETRY_USEC (5 * USEC_PER_SEC)
+
+static void spool_retry_soon(void) {
+        for (struct up_ep *u = up_eps; u; u = u->spool_next_ep)
+                if (u->spool_timer && sd_event_source_set_time(u->spool_timer, mono_now() + UP_SPOOL_RETRY_USEC) >= 0)
+                        (void) sd_event_source_set_enabled(u->spool_timer, SD_EVENT_ONESHOT);
+}
+
+static bool c2d_spool_busy(const char *path) {
+        for (struct c2d_ctx *c = c2d_inflight; c; c = c->next)
+                if (streq(c->spool_path, path))
+                        return true;
+        return false;
+}
+
+static void c2d_ctx_free(struct c2d_ctx *c) {
+        if (!c)
+                return;
+        if (c->spool_path) {
+                if (c->prev)
+                        c->prev->next = c->next;
+                else if (c2d_inflight == c)
+                        c2d_inflight = c->next;
+                if (c->next)
+                        c->next->prev = c->prev;
+        }
+        free(c->device);
+        free(c->spool_path);
+        free(c);
+}
+
+/* Failures that may pass (the store): the spooled message is kept and queued again after
+ * UP_SPOOL_RETRY_USEC (or at the next start). Any other failure (unknown device, queue full,
+ * invalid message) never passes. */
+static bool c2d_transient(int r) {
+        return r == -ENOSPC || r == -EIO || r == -EBUSY || r == -ESHUTDOWN || r == -ENOMEM || r == -EAGAIN ||
+               r == -ENOLCK || r == -EDQUOT;
+}
+
 static void c2d_done(int r, uint64_t sequence_number, void *userdata) {
-        char *device = userdata;
+        struct c2d_ctx *c = userdata;
+        if (r < 0 && c->spool_path && c2d_transient(r)) {
+                gw_log_full(LOG_WARNING, r,
+                            GW_FIELDS(.component = "uplink", .device = c->device, .event = "c2d-spooled",
+                                      .ratelimit_key = "upstream-c2d"),
+                            "Upstream: a cloud-to-device message for %s cannot be queued here yet: %m; it stays in "
+                            "the spool %s and is queued again in %u s (or at the next start)", c->device,
+                            c->spool_path, (unsigned) (UP_SPOOL_RETRY_USEC / USEC_PER_SEC));
+                c2d_ctx_free(c);
+                spool_retry_soon();
+                return;
+        }
         if (r < 0)
                 gw_log_full(LOG_ERR, r,
-                            GW_FIELDS(.component = "uplink", .device = device, .event = "c2d-lost",
+                            GW_FIELDS(.component = "uplink", .device = c->device, .event = "c2d-lost",
                                       .ratelimit_key = "upstream-c2d"),
                             "Upstream: a cloud-to-device message for %s was acknowledged to the cloud but cannot be "
-                            "queued here: %m; it is lost", device);
+                            "queued here: %m; it is lost", c->device);
         else
-                gw_log_full(LOG_DEBUG, 0, GW_FIELDS(.component = "uplink", .device = device),
-                            "Upstream: C2D message for %s queued locally (sequence number %" PRIu64 ")", device,
+                gw_log_full(LOG_DEBUG, 0, GW_FIELDS(.component = "uplink", .device = c->device),
+                            "Upstream: C2D message for %s queued locally (sequence number %" PRIu64 ")", c->device,
                             sequence_number);
-        free(device);
+        if (c->spool_path && unlink(c->spool_path) < 0 && errno != ENOENT)
+                gw_log_errno(LOG_WARNING, -errno, "Upstream: cannot remove %s: %m (its message may be queued again "
+                             "at the next start)", c->spool_path);
+        c2d_ctx_free(c);
+}
+
+/* Whether d has seen the message id lately; remembers it. */
+static bool c2d_seen(struct up_dev *d, const char *mid) {
+        for (unsigned i = 0; i < UP_SEEN_RING; i++)
+                if (d->seen[i] && streq(d->seen[i], mid))
+                        return true;
+        char *copy = strdup(mid);
+        if (copy) {
+                free(d->seen[d->seen_next]);
+                d->seen[d->seen_next] = copy;
+                d->seen_next = (d->seen_next + 1) % UP_SEEN_RING;
+        }
+        return false;
+}
+
+/* Queues a C2D message from the cloud (topic devices/{id}/messages/devicebound/{bag}) in the
+ * device's local queue. d: the device's connection (NULL for a spooled message of a device no
+ * longer configured). Takes spool_path. from_spool: a message the spool still holds, so not
+ * yet queued (but for a crash between commit and removal): its id is remembered, never
+ * dropped as a repeat. */
+static void c2d_enqueue(struct up_ep *u, struct up_dev *d, const char *device_id, const char *topic,
+                        const void *payload, size_t len, char *spool_path, bool from_spool) {
+        struct hub_msg *m = NULL;
+        struct c2d_ctx *c = calloc(1, sizeof *c);
+        const char *bag = strstr(topic, "/messages/devicebound");
+        int r = 0;
+
+        if (spool_path && c2d_spool_busy(spool_path)) {
+                /* Already being queued: a spool retry took the file before its arrival event
+                 * was handled, or the other way round. */
+                free(spool_path);
+                free(c);
+                return;
+        }
+        if (!c || !(c->device = strdup(device_id))) {
+                free(c);
+                free(spool_path);
+                gw_log_full(LOG_ERR, -ENOMEM, GW_FIELDS(.component = "uplink", .device = device_id),
+                            "Upstream: out of memory queueing a cloud-to-device message for %s", device_id);
+                return;
+        }
+        c->spool_path = spool_path;
+        if (spool_path) {
+                c->next = c2d_inflight;
+                if (c2d_inflight)
+                        c2d_inflight->prev = c;
+                c2d_inflight = c;
+        }
+        if (!bag)
+                r = -EINVAL;
+        else {
+                bag += strlen("/messages/devicebound");
+                if (*bag == '/')
+                        bag++;
+                r = hub_msg_new(payload, len, HUB_MSG_C2D_MAX_SIZE, &m);
+        }
+        if (r >= 0)
+                r = gw_mqtt_bag_decode(bag, strlen(bag), GW_MQTT_BAG_DOWNSTREAM, m);
+        if (r >= 0 && d) {
+                /* The cloud offers a message again when our PUBACK did not reach it (the
+                 * connection dropped, or this process died after the spool and before the
+                 * PUBACK: then the spool queued it already). */
+                const char *mid = hub_msg_get_sys(m, HUB_SYS_MESSAGE_ID);
+                if (mid && c2d_seen(d, mid) && !from_spool) {
+                        UP_LOG(d, LOG_INFO, 0, "Upstream: %s: the cloud sent C2D message %s again; already queued "
+                               "here, dropped", d->id, mid);
+                        hub_msg_unref(m);
+                        if (c->spool_path)
+                                (void) unlink(c->spool_path);
+                        c2d_ctx_free(c);
+                        return;
+                }
+        }
+        if (r >= 0)
+                r = hub_queue_send(u->hub->queue, device_id, m, hub_clock_now(hub_clock_system()), c2d_done, c);
+        hub_msg_unref(m);
+        if (r < 0)
+                c2d_done(r, 0, c);
 }
 
 static void handle_c2d(struct up_dev *d, struct up_ev *e) {
-        struct up_ep *u = d->u;
-        struct hub_msg *m = NULL;
-        char *device = NULL;
-        const char *bag = strstr(e->topic, "/messages/devicebound");
-        bag += strlen("/messages/devicebound");
-        if (*bag == '/')
-                bag++;
-        int r = hub_msg_new(e->payload, e->len, HUB_MSG_C2D_MAX_SIZE, &m);
-        if (r >= 0)
-                r = gw_mqtt_bag_decode(bag, strlen(bag), GW_MQTT_BAG_DOWNSTREAM, m);
-        if (r >= 0 && !(device = strdup(d->id)))
-                r = -ENOMEM;
-        if (r >= 0) {
-                r = hub_queue_send(u->hub->queue, d->id, m, hub_clock_now(hub_clock_system()), c2d_done, device);
-                if (r < 0)
-                        free(device);
+        if (!e->spool_path)
+                UP_LOG(d, LOG_WARNING, e->spool_error, "Upstream: a cloud-to-device message for %s could not be "
+                       "written to the spool before it was acknowledged (%m); queueing it from memory", d->id);
+        c2d_enqueue(d->u, d, d->id, e->topic, e->payload, e->len, TAKE_PTR(e->spool_path), false);
+}
+
+/* Loop thread, at creation: queues what the spool holds (messages acknowledged to the cloud
+ * by a run that stopped before they were committed here), in arrival order, and sets
+ * spool_last after the highest file number. */
+static int spool_cmp(const void *a, const void *b) {
+        return strcmp(*(char *const *) a, *(char *const *) b);
+}
+
+static void spool_replay(struct up_ep *u) {
+        int dfd = dup(u->spool_dirfd);
+        DIR *dir = dfd >= 0 ? fdopendir(dfd) : NULL;
+        char **names = NULL;
+        size_t n = 0, cap = 0, queued = 0;
+        struct dirent *de;
+
+        if (!dir) {
+                if (dfd >= 0)
+                        close(dfd);
+                gw_log_errno(LOG_ERR, -errno, "Upstream endpoint %s: cannot read the spool %s: %m",
+                             gw_endpoint_name(u->ep), u->spool_dir);
+                return;
         }
-        hub_msg_unref(m);
-        if (r < 0)
-                c2d_done(r, 0, strdup(d->id));
+        rewinddir(dir); /* the dup shares its offset with spool_dirfd, at the end after a first scan */
+        while ((de = readdir(dir))) {
+                uint64_t id;
+                char tail[8];
+                if (strlen(de->d_name) != 24 || sscanf(de->d_name, "%20" SCNu64 "%5s", &id, tail) != 2 ||
+                    !streq(tail, ".c2d"))
+                        continue;
+                if (id > u->spool_last)
+                        u->spool_last = id;
+                if (n == cap) {
+                        size_t nc = cap ? cap * 2 : 16;
+                        char **nn = realloc(names, nc * sizeof *nn);
+                        if (!nn)
+                                break;
+                        names = nn;
+                        cap = nc;
+                }
+                if (!(names[n] = strdup(de->d_name)))
+                        break;
+                n++;
+        }
+        closedir(dir);
+        if (n > 0)
+                qsort(names, n, sizeof *names, spool_cmp);
+        for (size_t i = 0; i < n; i++) {
+                _cleanup_free_ char *buf = NULL, *path = NULL;
+                size_t dl, tl, pl, got = 0;
+                uint64_t h;
+                int hn = 0;
+                struct stat st = { 0 };
+                int fd = openat(u->spool_dirfd, names[i], O_RDONLY | O_CLOEXEC);
+                bool ok = false;
+
+                if (fd >= 0 && fstat(fd, &st) >= 0 && st.st_size < 1024 * 1024 &&
+                    (buf = malloc((size_t) st.st_size + 1))) {
+                        while (got < (size_t) st.st_size) {
+                                ssize_t k = read(fd, buf + got, (size_t) st.st_size - got);
+                                if (k <= 0)
+                                        break;
+                                got += (size_t) k;
+                        }
+                        buf[got] = 0;
+                        if (sscanf(buf, UP_SPOOL_MAGIC " %zu %zu %zu %" SCNx64 "%*[\n]%n", &dl, &tl, &pl, &h, &hn) == 4 &&
+                            hn > 0 && dl < got && tl < got && pl < got && (size_t) hn + dl + 1 + tl + 1 + pl == got) {
+                                const char *dev = buf + hn, *topic = dev + dl + 1, *payload = topic + tl + 1;
+                                ok = dev[dl] == 0 && topic[tl] == 0 && strlen(dev) == dl && strlen(topic) == tl &&
+                                     spool_hash(dev, topic, payload, pl) == h;
+                        }
+                }
+                if (fd >= 0)
+                        close(fd);
+                if (!ok && st.st_mtime + 10 > time(NULL))
+                        continue; /* perhaps still being written (a reload): left for the next start */
+                if (!ok) {
+                        /* Torn by a crash before its fsync completed: never acknowledged to the
+                         * cloud, which offers the message again. */
+                        gw_log_notice("Upstream endpoint %s: removing the incomplete spool file %s/%s (never "
+                                      "acknowledged to the cloud)", gw_endpoint_name(u->ep), u->spool_dir, names[i]);
+                        (void) unlinkat(u->spool_dirfd, names[i], 0);
+                        continue;
+                }
+                const char *dev = buf + hn, *topic = dev + dl + 1, *payload = topic + tl + 1;
+                if (asprintf(&path, "%s/%s", u->spool_dir, names[i]) < 0) {
+                        path = NULL;
+                        continue; /* stays for the next start */
+                }
+                if (c2d_spool_busy(path))
+                        continue; /* being queued by the endpoint this one replaces (a reload) */
+                c2d_enqueue(u, find_dev(u, dev), dev, topic, payload, pl, TAKE_PTR(path), true);
+                queued++;
+        }
+        for (size_t i = 0; i < n; i++)
+                free(names[i]);
+        free(names);
+        if (queued > 0)
+                gw_log_notice("Upstream endpoint %s: queueing %zu cloud-to-device messages from the spool (received "
+                              "and acknowledged to the cloud, not queued here yet)", gw_endpoint_name(u->ep), queued);
+}
+
+static int on_spool_timer(sd_event_source *s, uint64_t usec, void *ud) {
+        spool_replay(ud);
+        return 0;
 }
 
 /* A method call under way; detached (u = NULL) when the endpoint goes away first. */
@@ -860,6 +1434,8 @@ static void on_event(void *ud, struct gw_paho_item *item) {
                         UP_LOG(d, LOG_INFO, 0, "Upstream: %s connected to %s as %s", d->id, u->address,
                                u->host_name);
                 d->down_logged = false;
+                d->refused = false;
+                u->probe_spent = false; /* a later outage is probed again */
                 d->twin_synced = false;
                 subscribe(d);
                 /* Renew the token at 80% of its lifetime. */
@@ -871,6 +1447,9 @@ static void on_event(void *ud, struct gw_paho_item *item) {
                         break;
                 snprintf(why, sizeof why, "connect failed, paho code %d%s", e->code,
                          e->code == 5 ? ": not authorized" : e->code == 4 ? ": bad user name or password" : "");
+                /* A CONNACK refusal (1..5): the cloud is there and said no; only its backoff
+                 * retries, the probe never hurries it. */
+                d->refused = e->code > 0;
                 dev_down(d, why);
                 if (e->code == 5 && u->create_policy && !d->create_tried && !d->creating)
                         create_identity(d);
@@ -878,6 +1457,7 @@ static void on_event(void *ud, struct gw_paho_item *item) {
         case EV_LOST:
                 if ((e->gen && e->gen != d->gen) || d->state != DEV_UP)
                         break;
+                d->refused = false;
                 dev_down(d, "connection lost");
                 break;
         case EV_SUBSCRIBED:
@@ -1055,11 +1635,45 @@ static void sync_local_identity(struct up_ep *u, const struct gw_upstream_device
 
 static void up_destroy(void *t);
 
+/* The spool: <state directory>/upstream-<endpoint>.c2d/ (0700), next to the store. */
+static int spool_open(struct up_ep *u, const char *name) {
+        const char *store_path = hub_store_path(u->hub->store);
+        if (!store_path) {
+                gw_log_error("Endpoint %s: the store has no directory for the C2D spool", name);
+                return -EINVAL;
+        }
+        _cleanup_free_ char *db = strdup(store_path), *safe = strdup(name);
+        if (!db || !safe)
+                return -ENOMEM;
+        for (char *p = safe; *p; p++)
+                if (!strchr("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.", *p) ||
+                    (p == safe && *p == '.'))
+                        *p = '_';
+        if (asprintf(&u->spool_dir, "%s/upstream-%s.c2d", dirname(db), safe) < 0) {
+                u->spool_dir = NULL;
+                return -ENOMEM;
+        }
+        if (mkdir(u->spool_dir, 0700) < 0 && errno != EEXIST) {
+                int r = -errno;
+                gw_log_errno(LOG_ERR, r, "Endpoint %s: cannot create the C2D spool %s: %m", name, u->spool_dir);
+                return r;
+        }
+        u->spool_dirfd = open(u->spool_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (u->spool_dirfd < 0) {
+                int r = -errno;
+                gw_log_errno(LOG_ERR, r, "Endpoint %s: cannot open the C2D spool %s: %m", name, u->spool_dir);
+                return r;
+        }
+        return 0;
+}
+
 static int up_create(struct gw_endpoint *ep, const struct gw_endpoint_conf *c, void **ret) {
         struct up_ep *u = calloc(1, sizeof *u);
         int r;
         if (!u)
                 return -ENOMEM;
+        u->spool_dirfd = u->probe_fd = -1;
+        pthread_mutex_init(&u->spool_lock, NULL);
         u->ep = ep;
         u->hub = gw_endpoint_hub(ep);
         u->window = c->inflight;
@@ -1086,10 +1700,31 @@ static int up_create(struct gw_endpoint *ep, const struct gw_endpoint_conf *c, v
                 }
         }
         u->devs = calloc(c->n_devices, sizeof *u->devs);
-        if (!u->host_name || !u->username_tail || !u->address || !u->devs || (c->ca_file && !u->ca_file)) {
+        u->probe_host = strdup(c->gateway_host ? c->gateway_host : c->host_name);
+        snprintf(u->probe_port, sizeof u->probe_port, "%u", c->port);
+        if (!u->host_name || !u->username_tail || !u->address || !u->devs || (c->ca_file && !u->ca_file) ||
+            !u->probe_host) {
                 up_destroy(u);
                 return -ENOMEM;
         }
+        r = sd_event_add_time(gw_endpoint_event(ep), &u->probe_timer, CLOCK_BOOTTIME, UINT64_MAX, 10 * USEC_PER_MSEC,
+                              on_probe_timer, u);
+        if (r < 0) {
+                up_destroy(u);
+                return r;
+        }
+        (void) sd_event_source_set_enabled(u->probe_timer, SD_EVENT_OFF);
+        r = spool_open(u, c->name);
+        if (r >= 0)
+                r = sd_event_add_time(gw_endpoint_event(ep), &u->spool_timer, CLOCK_BOOTTIME, UINT64_MAX,
+                                      100 * USEC_PER_MSEC, on_spool_timer, u);
+        if (r < 0) {
+                up_destroy(u);
+                return r;
+        }
+        (void) sd_event_source_set_enabled(u->spool_timer, SD_EVENT_OFF);
+        u->spool_next_ep = up_eps;
+        up_eps = u;
         r = gw_paho_inbox_new(gw_endpoint_event(ep), on_event, free_ev, u, &u->inbox);
         if (r < 0) {
                 up_destroy(u);
@@ -1127,6 +1762,7 @@ static int up_create(struct gw_endpoint *ep, const struct gw_endpoint_conf *c, v
                 }
                 sync_local_identity(u, &c->devices[i]);
         }
+        spool_replay(u);
         *ret = u;
         return 0;
 }
@@ -1229,7 +1865,33 @@ static void up_destroy(void *t) {
         for (size_t i = 0; i < u->n_devs; i++)
                 if (u->devs[i].creating)
                         (void) pthread_join(u->devs[i].create_thread, NULL); /* at most its 10 s timeout */
+        /* (C2D messages still in the inbox stay in the spool: see below.) */
         u->inbox = gw_paho_inbox_free(u->inbox);
+        probe_close(u);
+        sd_event_source_disable_unref(u->probe_timer);
+        if (u->gai_busy && gai_cancel(&u->gai) == EAI_NOTCANCELED) {
+                /* A name lookup is running on glibc's thread: wait for it (the resolver's
+                 * timeouts bound it) so that it never writes into freed memory. */
+                const struct gaicb *list[1] = { &u->gai };
+                while (gai_error(&u->gai) == EAI_INPROGRESS)
+                        (void) gai_suspend(list, 1, NULL);
+        }
+        if (u->gai.ar_result)
+                freeaddrinfo(u->gai.ar_result);
+        free(u->probe_host);
+        for (struct up_ep **p = &up_eps; *p; p = &(*p)->spool_next_ep)
+                if (*p == u) {
+                        *p = u->spool_next_ep;
+                        /* What its inbox still held is in the spool: the endpoint that replaces
+                         * this one (a reload) queues it. */
+                        spool_retry_soon();
+                        break;
+                }
+        sd_event_source_disable_unref(u->spool_timer);
+        if (u->spool_dirfd >= 0)
+                close(u->spool_dirfd);
+        free(u->spool_dir);
+        pthread_mutex_destroy(&u->spool_lock);
         for (struct method_ctx *c = u->calls; c; c = c->next)
                 c->u = NULL; /* their completions only free them */
         for (size_t i = 0; i < u->n_devs; i++) {
@@ -1237,6 +1899,8 @@ static void up_destroy(void *t) {
                 q_clear(d);
                 free(d->q);
                 sd_event_source_disable_unref(d->timer);
+                for (unsigned k = 0; k < UP_SEEN_RING; k++)
+                        free(d->seen[k]);
                 free(d->id);
                 if (d->key) {
                         hub_explicit_bzero(d->key, strlen(d->key));

@@ -64,6 +64,9 @@ struct op {
         uint8_t token[8];
         size_t token_len;
         bool triggered;
+        /* Answered by op_send_separate() (no libcoap async): a telemetry POST that cannot
+         * carry a command back. con: the request was CON (the answer is CON too). */
+        bool direct, con;
         int result;
         uint16_t mid;
         /* a command fetched for the answer (telemetry piggy-back, GET commands) */
@@ -150,6 +153,8 @@ struct gw_coap {
         uint8_t psk[GW_COAP_PSK_BYTES];
         coap_bin_const_t psk_bin;
         struct gw_coap_stats stats;
+        unsigned n_disconnect_pending; /* sessions with disconnect_pending set (0: nothing to walk) */
+        unsigned batch;            /* copies of a readable socket's event per coap_io_do_epoll() (see on_io) */
         bool freeing;
 };
 
@@ -407,6 +412,9 @@ static struct csess *csess_new(struct gw_coap *co, coap_session_t *s) {
 
 /* Disconnects sessions the hub closed (outside of libcoap's callbacks). */
 static void disconnect_pending(struct gw_coap *co) {
+        if (co->n_disconnect_pending == 0)
+                return;
+        co->n_disconnect_pending = 0;
         for (bool again = true; again;) {
                 again = false;
                 for (struct csess *cs = co->sessions; cs; cs = cs->next)
@@ -469,6 +477,7 @@ static void op_close(void *ud, int reason_errno, const char *why) {
                     why ? why : strerror(-reason_errno));
         csess_detach(cs, true);
         cs->disconnect_pending = true;
+        cs->co->n_disconnect_pending++;
         kick(cs->co);
 }
 
@@ -677,6 +686,50 @@ static int op_park(struct op *o, coap_session_t *s, const coap_pdu_t *req) {
         return 0;
 }
 
+static void dedup_forget(struct csess *cs, uint16_t mid);
+
+/* The separate response of a direct op (RFC 7252 §5.2.2), sent at once from the store's
+ * completion — no libcoap async, so no second pass of the request through libcoap and no
+ * coap_io_process() per completion round: CON for a CON request (libcoap retransmits it
+ * until the device ACKs it), NON for a NON one; a new message id, the request's token. */
+static void op_send_separate(struct op *o) {
+        struct csess *cs = o->cs;
+        coap_session_t *s = cs->session;
+        const char *diag = NULL;
+        coap_pdu_code_t code = COAP_RESPONSE_CODE_CHANGED;
+        if (o->result < 0) {
+                code = o->result == -ENOBUFS ? COAP_RESPONSE_CODE_SERVICE_UNAVAILABLE : COAP_RESPONSE_CODE_INTERNAL_ERROR;
+                diag = "the message could not be stored";
+                dedup_forget(cs, o->mid);
+        }
+        coap_pdu_t *pdu = coap_pdu_init(o->con ? COAP_MESSAGE_CON : COAP_MESSAGE_NON, code, coap_new_message_id(s),
+                                        coap_session_max_pdu_size(s));
+        bool ok = pdu && coap_add_token(pdu, o->token_len, o->token) &&
+                  (!diag || coap_add_data(pdu, strlen(diag), (const uint8_t *) diag));
+        ops_unlink(cs, o);
+        op_free(o);
+        if (!ok) {
+                coap_delete_pdu(pdu);
+                gw_log_full(LOG_WARNING, -ENOMEM, GW_FIELDS(.component = "coap", .device = dev_name(cs)),
+                            "CoAP %s: cannot build the answer to a telemetry POST of device %s: out of memory", cs->peer,
+                            dev_name(cs));
+                return;
+        }
+        /* libcoap owns the PDU from here, sent or not. */
+        if (coap_send(s, pdu) == COAP_INVALID_MID)
+                gw_log_full(LOG_WARNING, 0, GW_FIELDS(.component = "coap", .device = dev_name(cs)),
+                            "CoAP %s: cannot send the answer to a telemetry POST of device %s", cs->peer, dev_name(cs));
+}
+
+/* Whether a direct op for the request with message id mid is being stored (a retransmission
+ * of it gets one more empty ACK, and no second copy in the store). */
+static bool op_in_progress(const struct csess *cs, uint16_t mid) {
+        for (const struct op *o = cs->ops; o; o = o->next)
+                if (o->direct && o->mid == mid)
+                        return true;
+        return false;
+}
+
 /* The store answered: wake the parked request (or free an orphan). */
 static void op_trigger(struct op *o) {
         struct csess *cs = o->cs;
@@ -685,6 +738,10 @@ static void op_trigger(struct op *o) {
                         /* Nobody to give it to: the lock expires, or is released below. */
                 }
                 op_free(o);
+                return;
+        }
+        if (o->direct) {
+                op_send_separate(o);
                 return;
         }
         coap_bin_const_t t = { .length = o->token_len, .s = o->token };
@@ -732,6 +789,13 @@ static int dedup_check(struct csess *cs, uint16_t mid) {
         dd->mid = mid;
         dd->at_usec = now;
         return 0;
+}
+
+/* A request that was not stored: a retransmission of it must be stored, not answered 2.04. */
+static void dedup_forget(struct csess *cs, uint16_t mid) {
+        for (unsigned i = 0; i < DEDUP_SLOTS; i++)
+                if (cs->dedup[i].used && cs->dedup[i].mid == mid)
+                        cs->dedup[i].used = false;
 }
 
 /* ---- telemetry ------------------------------------------------------------------------------ */
@@ -842,7 +906,8 @@ static void telemetry_done(int result, uint64_t seq, void *ud) {
                 gw_log_full(LOG_WARNING, result, GW_FIELDS(.component = "coap", .device = o->cs ? dev_name(o->cs) : NULL),
                             "CoAP: a message of device %s could not be stored: %m", o->cs ? dev_name(o->cs) : "-");
         /* Piggy-back: a device that only wakes to send gets its next command in the answer. */
-        if (result >= 0 && o->cs && o->cs->dev && o->cs->dev->c2d_maybe && !o->cs->revoked && !o->cs->co->freeing &&
+        if (result >= 0 && !o->direct && o->cs && o->cs->dev && o->cs->dev->c2d_maybe && !o->cs->revoked &&
+            !o->cs->co->freeing &&
             hub_queue_receive(o->cs->co->hub->queue, o->cs->dev->id, 0, now_wall(), receive_for_op_done, o) >= 0)
                 return;
         op_trigger(o);
@@ -853,6 +918,8 @@ static void hnd_telemetry(coap_resource_t *r, coap_session_t *s, const coap_pdu_
         bool pending;
         struct op *o = op_resume(s, req, &pending);
         if (o) {
+                if (o->result < 0 && o->cs)
+                        dedup_forget(o->cs, o->mid);
                 if (o->result < 0)
                         respond_error(resp, o->result == -ENOBUFS ? COAP_RESPONSE_CODE_SERVICE_UNAVAILABLE
                                                                   : COAP_RESPONSE_CODE_INTERNAL_ERROR,
@@ -872,6 +939,10 @@ static void hnd_telemetry(coap_resource_t *r, coap_session_t *s, const coap_pdu_
         if (!cs)
                 return;
         struct gw_coap *co = cs->co;
+        if (op_in_progress(cs, (uint16_t) coap_pdu_get_mid(req))) {
+                co->stats.duplicates++;
+                return; /* no code: libcoap sends one more empty ACK for a CON */
+        }
         if (dedup_check(cs, (uint16_t) coap_pdu_get_mid(req))) {
                 co->stats.duplicates++;
                 gw_log_full(LOG_DEBUG, 0, GW_FIELDS(.component = "coap", .device = dev_name(cs)),
@@ -922,13 +993,32 @@ static void hnd_telemetry(coap_resource_t *r, coap_session_t *s, const coap_pdu_
                               rr == -E2BIG ? "message too large" : "malformed query property");
                 return;
         }
+        /* A device that may have a command waiting is answered through a libcoap async (the
+         * 2.04 can then carry the command, block-wise if large); any other one directly. */
         o = op_new(cs, OP_TELEMETRY, req);
-        if (!o || op_park(o, s, req) < 0) {
+        if (o && !cs->dev->c2d_maybe) {
+                o->direct = true;
+                o->con = coap_pdu_get_type(req) == COAP_MESSAGE_CON;
+                o->next = cs->ops;
+                cs->ops = o;
+        } else if (!o || op_park(o, s, req) < 0) {
                 free(o);
                 respond_error(resp, COAP_RESPONSE_CODE_INTERNAL_ERROR, "out of memory");
                 return;
         }
         rr = hub_outbox_append(co->hub->outbox, msg, telemetry_done, o);
+        if (rr < 0 && o->direct) {
+                /* Not stored: answered at once (5.03 asks the device to retry later). */
+                dedup_forget(cs, o->mid);
+                ops_unlink(cs, o);
+                op_free(o);
+                gw_log_full(LOG_WARNING, rr, GW_FIELDS(.component = "coap", .device = dev_name(cs)),
+                            "CoAP %s: cannot store a message of device %s: %m", cs->peer, dev_name(cs));
+                respond_error(resp, rr == -ENOBUFS ? COAP_RESPONSE_CODE_SERVICE_UNAVAILABLE
+                                                   : COAP_RESPONSE_CODE_INTERNAL_ERROR,
+                              "the message could not be stored");
+                return;
+        }
         if (rr < 0) {
                 /* Not stored: the device keeps its copy (5.03 asks it to retry later). */
                 o->result = rr;
@@ -1427,6 +1517,7 @@ static int on_event(coap_session_t *s, const coap_event_t ev) {
                                             "CoAP %s: cannot register the session of %s: %m", cs->peer, cs->dev->id);
                                 cs->revoked = true;
                                 cs->disconnect_pending = true;
+                                co->n_disconnect_pending++;
                                 kick(co);
                         }
                 }
@@ -1453,6 +1544,18 @@ static int on_event(coap_session_t *s, const coap_event_t ev) {
 /* ---- libcoap's log ------------------------------------------------------------------------- */
 
 static void on_coap_log(coap_log_t level, const char *message) {
+        /* A copy of a socket's event that found it empty (on_io): libcoap reports the EAGAIN
+         * and then "read failed"; neither is a failure. */
+        static bool eagain;
+        if (strstr(message, "coap_network_read: ") && strstr(message, strerror(EAGAIN))) {
+                eagain = true;
+                return;
+        }
+        if (eagain) {
+                eagain = false;
+                if (strstr(message, "read failed"))
+                        return;
+        }
         size_t n = strlen(message);
         while (n > 0 && (message[n - 1] == '\n' || message[n - 1] == '\r'))
                 n--;
@@ -1485,24 +1588,44 @@ static void run(struct gw_coap *co) {
         disconnect_pending(co);
 }
 
+#define IO_MAX_EVENTS 64
+#define IO_MAX_BATCH 8
+#define IO_MAX_ROUNDS 4
+
 /* Datagrams: handled straight from libcoap's epoll set (coap_io_do_epoll). The full
  * coap_io_process() — asyncs to fire, observers to notify, the timer to re-arm — runs only
  * when libcoap's timer fired or after a kick, not per datagram. */
 static int on_io(sd_event_source *s, int fd, uint32_t revents, void *ud) {
         struct gw_coap *co = ud;
-        struct epoll_event ev[64];
+        struct epoll_event ev[IO_MAX_EVENTS];
         bool timer = false;
-        int n = epoll_wait(fd, ev, 64, 0);
-        if (n <= 0) {
-                run(co);
-                return 0;
+        for (unsigned round = 0; round < IO_MAX_ROUNDS; round++) {
+                int n = epoll_wait(fd, ev, IO_MAX_EVENTS / IO_MAX_BATCH, 0);
+                if (n <= 0) {
+                        if (round == 0)
+                                timer = true; /* nothing from libcoap's set: let coap_io_process() look */
+                        else if (round == 1 && co->batch > 1)
+                                co->batch /= 2; /* all read at the first go: fewer copies next time */
+                        break;
+                }
+                if (round > 0 && co->batch < IO_MAX_BATCH)
+                        co->batch *= 2; /* still more queued: read more per call */
+                /* libcoap reads one datagram per event of a socket, and re-arms its timerfd
+                 * (timerfd_settime, the costliest system call on the path) once per
+                 * coap_io_do_epoll(): copies of a readable socket's event read a burst of
+                 * datagrams for one re-arm. An extra copy finds the socket empty (EAGAIN,
+                 * which libcoap reports at debug level only). */
+                size_t m = (size_t) n;
+                for (int i = 0; i < n; i++) {
+                        if (!ev[i].data.ptr) {
+                                timer = true; /* libcoap's timerfd */
+                                continue;
+                        }
+                        for (unsigned k = 1; k < co->batch && m < IO_MAX_EVENTS; k++)
+                                ev[m++] = ev[i];
+                }
+                coap_io_do_epoll(co->ctx, ev, m);
         }
-        for (int i = 0; i < n; i++)
-                if (!ev[i].data.ptr)
-                        timer = true; /* libcoap's timerfd */
-        coap_tick_t now;
-        coap_ticks(&now);
-        coap_io_do_epoll(co->ctx, ev, (size_t) n);
         if (timer)
                 run(co);
         else
@@ -1590,6 +1713,7 @@ int gw_coap_new(sd_event *e, struct gw_hub *hub, const struct gw_config *cfg, st
                 return -ENOMEM;
         co->event = sd_event_ref(e);
         co->hub = hub;
+        co->batch = 1;
         co->rate = calloc(RATE_SLOTS, sizeof *co->rate);
         if (!co->rate || conf_copy(cfg->coap, &co->conf) < 0) {
                 gw_coap_free(co);

@@ -315,6 +315,62 @@ def test_duplicates_stored_once():
     hub.finish()
 
 
+def test_separate_answer_without_command():
+    """Once a device has no command waiting (its first POST of the session looked), its POSTs
+    are answered straight from the store's completion: an empty ACK at once, then a CON 2.04
+    (NON for a NON request) with the request's token; a retransmission while the first copy is
+    being stored gets one more empty ACK and is stored once."""
+    hub = Hub()
+    hub.device("plain2")
+    events = monitor(hub, "plain2")
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect(("127.0.0.1", hub.udp))
+
+    def collect(until, wait=3.0):
+        got = []
+        s.settimeout(wait)
+        try:
+            while not until(got):
+                got.append(s.recv(65536))
+        except socket.timeout:
+            pass
+        return got
+
+    def token(d):
+        return d[4:4 + (d[0] & 15)]
+
+    path = path_opts("d/plain2/telemetry")
+    s.send(pdu((0, 2), 0x6001, token=b"\x11", options=path, payload=b"first"))
+    got = collect(lambda g: any(parse_code(d)[0] == "2.04" for d in g))
+    sep = [d for d in got if parse_code(d)[0] == "2.04"]
+    assert sep and parse_code(sep[0]) == ("2.04", 0) and token(sep[0]) == b"\x11", [parse_code(d) for d in got]
+    s.send(bytes([0x60, 0]) + sep[0][2:4])
+
+    con = pdu((0, 2), 0x6002, token=b"\x21\x22", options=path, payload=b"second")
+    s.send(con)
+    s.send(con)  # a retransmission while the first copy is being stored
+    got = collect(lambda g: any(parse_code(d)[0] == "2.04" for d in g))
+    got += collect(lambda g: False, wait=0.5)
+    codes = [parse_code(d) for d in got]
+    acks = [d for d in got if parse_code(d) == ("0.00", 2) and d[2:4] == con[2:4]]
+    sep = [d for d in got if parse_code(d)[0] == "2.04"]
+    assert len(acks) >= 1 and len(sep) == 1, codes
+    assert parse_code(sep[0]) == ("2.04", 0) and token(sep[0]) == b"\x21\x22" and sep[0][2:4] != con[2:4], codes
+    s.send(bytes([0x60, 0]) + sep[0][2:4])
+
+    s.send(pdu((0, 2), 0x6003, token=b"\x31", typ=1, options=path, payload=b"third"))
+    got = collect(lambda g: any(parse_code(d)[0] == "2.04" for d in g))
+    sep = [d for d in got if parse_code(d)[0] == "2.04"]
+    assert sep and parse_code(sep[0]) == ("2.04", 1) and token(sep[0]) == b"\x31", [parse_code(d) for d in got]
+    # Acknowledged: libcoap retransmits nothing.
+    assert not collect(lambda g: False, wait=2.5)
+
+    wait_for(lambda: len(telemetry(events)) >= 3, what="3 events")
+    time.sleep(0.5)
+    assert [e["payload"] for e in telemetry(events)] == ["first", "second", "third"], telemetry(events)
+    hub.finish()
+
+
 def test_commands_while_away_and_piggybacked():
     hub = Hub()
     key, _ = hub.device("dev1")
@@ -487,5 +543,6 @@ def test_config_checks():
 
 if __name__ == "__main__":
     main([test_telemetry_udp_and_dtls, test_bad_credentials_and_input, test_duplicates_stored_once,
-          test_commands_while_away_and_piggybacked, test_twin_and_methods, test_blockwise,
+          test_separate_answer_without_command, test_commands_while_away_and_piggybacked, test_twin_and_methods,
+          test_blockwise,
           test_revocation_closes_dtls_session, test_config_checks])

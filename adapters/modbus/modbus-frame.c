@@ -323,13 +323,123 @@ bool adp_modbus_value_equal(const struct adp_modbus_value *a, const struct adp_m
         }
 }
 
+static const double pow10_tab[] = { 1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,  1e8,  1e9,  1e10, 1e11,
+                                     1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22 };
+
+/* %.Pg of a float32 (d holds it exactly) for the smallest P in 6..9 whose text reads back as
+ * the same float, without printf or strtof: the P significant digits n are the rounded
+ * d * 10^s, and n / 10^s (n < 2^53 and 10^|s| are exact doubles, so the quotient is the correctly
+ * rounded double of the decimal) converted to float equals strtof() of the text unless that
+ * double lies exactly halfway between two floats (every such midpoint is a double, so rounding
+ * the decimal to a double cannot cross one; only landing on it can mislead). Returns the length
+ * written to out (at least 32 bytes), or -1 when this path cannot decide (|s| > 22, a midpoint):
+ * the caller then uses printf and strtof. */
+static int format_f32_fast(double d, char out[static 32]) {
+        double a = fabs(d);
+        float f = (float) a;
+        char *o = out;
+
+        if (d < 0 || (d == 0 && signbit(d)))
+                *o++ = '-';
+        if (a == 0) {
+                *o++ = '0';
+                *o = 0;
+                return (int) (o - out);
+        }
+        int e10_guess = (int) floor(log10(a));
+        for (int p = 6; p <= 9; p++) {
+                double n = 0;
+                int s = 0, e10 = e10_guess;  /* the exponent of the value rounded to p digits */
+                for (int tries = 0; tries < 3; tries++) {
+                        s = p - 1 - e10;
+                        if (s < -22 || s > 22)
+                                return -1;
+                        n = nearbyint(s >= 0 ? a * pow10_tab[s] : a / pow10_tab[-s]);
+                        if (n >= pow10_tab[p]) {        /* rounded up to one more digit: 9.9999999 -> 10.0000 */
+                                n /= 10;
+                                e10++;
+                                s--;
+                                break;
+                        }
+                        if (n >= pow10_tab[p - 1])
+                                break;
+                        e10--;                          /* log10() overestimated */
+                }
+                if (n < pow10_tab[p - 1] || n >= pow10_tab[p] || s < -22 || s > 22)
+                        return -1;
+                double x = s >= 0 ? n / pow10_tab[s] : n * pow10_tab[-s];
+                float fx = (float) x;
+                if (fx != f)
+                        continue;
+                if (x != (double) fx) {
+                        float g = nextafterf(fx, x > (double) fx ? INFINITY : -INFINITY);
+                        if (x - (double) fx == (double) g - x)
+                                return -1;
+                }
+                /* The digits of n, trailing zeros stripped (%g). */
+                char dig[10];
+                uint32_t u = (uint32_t) n;
+                for (int i = p - 1; i >= 0; i--, u /= 10)
+                        dig[i] = (char) ('0' + u % 10);
+                int k = p;
+                while (k > 1 && dig[k - 1] == '0')
+                        k--;
+                int X = e10;
+                if (X >= -4 && X < p) {
+                        if (X >= 0) {
+                                for (int i = 0; i <= X; i++)
+                                        *o++ = dig[i];
+                                if (k > X + 1) {
+                                        *o++ = '.';
+                                        for (int i = X + 1; i < k; i++)
+                                                *o++ = dig[i];
+                                }
+                        } else {
+                                *o++ = '0';
+                                *o++ = '.';
+                                for (int i = 0; i < -X - 1; i++)
+                                        *o++ = '0';
+                                for (int i = 0; i < k; i++)
+                                        *o++ = dig[i];
+                        }
+                } else {
+                        *o++ = dig[0];
+                        if (k > 1) {
+                                *o++ = '.';
+                                for (int i = 1; i < k; i++)
+                                        *o++ = dig[i];
+                        }
+                        *o++ = 'e';
+                        *o++ = X < 0 ? '-' : '+';
+                        unsigned ax = (unsigned) abs(X);
+                        if (ax >= 100)
+                                *o++ = (char) ('0' + ax / 100);
+                        *o++ = (char) ('0' + ax / 10 % 10);
+                        *o++ = (char) ('0' + ax % 10);
+                }
+                *o = 0;
+                return (int) (o - out);
+        }
+        return -1;
+}
+
 /* The shortest %.Ng that reads back as the same value: a double from 15 digits up (most
  * values need 15..17; each try is a printf and a strtod, so the search starts high), a float32
  * from 6 to 9 digits (-1234.5f prints -1234.5, 1.013f prints 1.013, not its double expansion
- * 1.0130000114440918). */
+ * 1.0130000114440918), through format_f32_fast() when it can decide. */
 static int format_double(double d, bool f32, char *buf, size_t size) {
         char tmp[40];
         if (f32) {
+                int n = format_f32_fast(d, tmp);
+                if (n >= 0) {
+                        if ((size_t) n < size)
+                                memcpy(buf, tmp, (size_t) n + 1);
+                        else if (size > 0) {
+                                memcpy(buf, tmp, size - 1);
+                                buf[size - 1] = 0;
+                        }
+                        return n;
+                }
                 for (int prec = 6; prec <= 9; prec++) {
                         snprintf(tmp, sizeof tmp, "%.*g", prec, d);
                         if (strtof(tmp, NULL) == (float) d)

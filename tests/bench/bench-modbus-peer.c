@@ -2,13 +2,17 @@
 /* Benchmark peers for the Modbus adapter (tests/bench/bench-modbus.py), both on libmodbus:
  *
  *   bench-modbus-peer server PORT
- *       a Modbus TCP server on 127.0.0.1:PORT (every unit id, holding registers 0..999 with
- *       changing values, several clients through select()); prints "requests N" once a second.
+ *       a Modbus TCP server on 127.0.0.1:PORT (every unit id, holding registers 0..999: 500
+ *       float32 values, big-endian register pairs, plausible measurements such as 231.47 that
+ *       change with every request, several clients through select()); prints "requests N at T" (the
+ *       requests answered so far, CLOCK_MONOTONIC seconds) on SIGUSR1, so the benchmark counts every contender the same way.
  *   bench-modbus-peer client PORT UNITS COUNT SECONDS
  *       the bare loop: reads COUNT holding registers from each of unit 1..UNITS in turn, as
  *       fast as it can, for SECONDS; prints "requests N registers M seconds S". */
 
 #include <errno.h>
+#include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,6 +22,22 @@
 #include <unistd.h>
 
 #include <modbus/modbus.h>
+
+static volatile sig_atomic_t report;
+
+static void on_usr1(int sig) {
+        (void) sig;
+        report = 1;
+}
+
+/* Register pair i (registers 2i, 2i+1) holds a float32 measurement, ABCD order. */
+static void set_float(modbus_mapping_t *map, unsigned i, unsigned long long n) {
+        float v = 20.0f + (float) (i % 50) * 4.5f + (float) (n % 1000) * 0.01f;
+        uint32_t u;
+        memcpy(&u, &v, sizeof u);
+        map->tab_registers[2 * i] = (uint16_t) (u >> 16);
+        map->tab_registers[2 * i + 1] = (uint16_t) u;
+}
 
 static double now_s(void) {
         struct timespec ts;
@@ -31,6 +51,10 @@ static int server(const char *port) {
         uint8_t q[MODBUS_TCP_MAX_ADU_LENGTH];
         if (!ctx || !map)
                 return 1;
+        for (unsigned i = 0; i < 500; i++)
+                set_float(map, i, i);
+        struct sigaction sa = { .sa_handler = on_usr1 };
+        sigaction(SIGUSR1, &sa, NULL); /* no SA_RESTART: select() returns EINTR */
         int ls = modbus_tcp_listen(ctx, 16);
         if (ls < 0) {
                 fprintf(stderr, "listen: %s\n", modbus_strerror(errno));
@@ -41,10 +65,14 @@ static int server(const char *port) {
         FD_SET(ls, &all);
         int maxfd = ls;
         unsigned long long n = 0;
-        double last = now_s();
         for (;;) {
                 fd_set rd = all;
                 struct timeval tv = { .tv_sec = 0, .tv_usec = 200000 };
+                if (report) {
+                        report = 0;
+                        printf("requests %llu at %.6f\n", n, now_s()); /* CLOCK_MONOTONIC */
+                        fflush(stdout);
+                }
                 if (select(maxfd + 1, &rd, NULL, NULL, &tv) < 0)
                         continue;
                 for (int fd = 0; fd <= maxfd; fd++) {
@@ -62,18 +90,13 @@ static int server(const char *port) {
                         modbus_set_socket(ctx, fd);
                         int rc = modbus_receive(ctx, q);
                         if (rc > 0) {
-                                map->tab_registers[n % 1000] = (uint16_t) n;
+                                set_float(map, (unsigned) (n % 500), n);
                                 modbus_reply(ctx, q, rc, map);
                                 n++;
                         } else if (rc < 0) {
                                 close(fd);
                                 FD_CLR(fd, &all);
                         }
-                }
-                if (now_s() - last >= 1.0) {
-                        printf("requests %llu\n", n);
-                        fflush(stdout);
-                        last = now_s();
                 }
         }
 }

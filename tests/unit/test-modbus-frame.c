@@ -4,6 +4,8 @@
  * trips; range checks; exact JSON; exception names. */
 
 #include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "modbus-internal.h"
@@ -226,6 +228,52 @@ static void test_rtu_timing(void) {
         ASSERT_EQ(adp_modbus_rtu_char_usec(&lc), 521);      /* 10 bits */
 }
 
+/* The float32 formatter (a fast path without printf) against the definition: the shortest
+ * %.Ng, N = 6..9, that strtof() reads back as the same float. Random bit patterns (every
+ * exponent), and the awkward ones: powers of ten, integers, halves, the extremes. */
+static void test_float32_json(void) {
+        uint32_t x = 0x12345678u;
+        char got[64], want[64];
+        unsigned n_checked = 0;
+        for (unsigned i = 0; i < 300000; i++) {
+                float f;
+                uint32_t bits;
+                if (i < 40) {
+                        static const float special[] = { 0.0f, -0.0f, 1.0f, -1.0f, 10.0f, 100.0f, 1e6f, 1e7f, 1e9f,
+                                                         1e-4f, 1e-5f, 0.1f, 0.5f, 9.9999999f, 99999.99f, 999999.5f,
+                                                         1234567.5f, 16777216.0f, 3.4028235e38f, 1.17549435e-38f,
+                                                         1.4e-45f, 1e-10f, 123456.78f, 0.00012345f, 1.013f,
+                                                         -1234.5f, 65535.0f, 4294967296.0f, 1e22f, 1e23f };
+                        f = i < ELEMENTSOF(special) ? special[i] : (float) (i * 1000001);
+                } else {
+                        x ^= x << 13;
+                        x ^= x >> 17;
+                        x ^= x << 5;
+                        bits = x;
+                        memcpy(&f, &bits, sizeof f);
+                        if (!isfinite(f))
+                                continue;
+                }
+                for (int prec = 6; prec <= 9; prec++) {
+                        snprintf(want, sizeof want, "%.*g", prec, (double) f);
+                        if (strtof(want, NULL) == f)
+                                break;
+                }
+                struct adp_modbus_value v = { .kind = ADP_MODBUS_V_DOUBLE, .d = f, .f32 = true };
+                int n = adp_modbus_value_json(&v, got, sizeof got);
+                if (strcmp(got, want) != 0)
+                        fprintf(stderr, "float32 %a: got %s, want %s\n", (double) f, got, want);
+                ASSERT_STREQ(got, want);
+                ASSERT_EQ(n, (int) strlen(want));
+                n_checked++;
+        }
+        ASSERT_TRUE(n_checked > 250000);
+        /* Truncation reports the full length, like snprintf. */
+        struct adp_modbus_value v = { .kind = ADP_MODBUS_V_DOUBLE, .d = -1234.5f, .f32 = true };
+        ASSERT_EQ(adp_modbus_value_json(&v, got, 4), 7);
+        ASSERT_STREQ(got, "-12");
+}
+
 int main(void) {
         TEST_RUN(test_known_registers);
         TEST_RUN(test_every_type_and_order);
@@ -234,5 +282,6 @@ int main(void) {
         TEST_RUN(test_json_and_scale);
         TEST_RUN(test_names);
         TEST_RUN(test_rtu_timing);
+        TEST_RUN(test_float32_json);
         return 0;
 }

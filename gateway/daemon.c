@@ -2,6 +2,7 @@
 /* fieldhubd lifecycle: start, the loop, reload on SIGHUP, graceful stop, the watchdog. */
 
 #include <errno.h>
+#include <malloc.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
@@ -353,6 +354,10 @@ static int on_watchdog(sd_event_source *s, uint64_t usec, void *userdata) {
 
 static int on_housekeeping(sd_event_source *s, uint64_t usec, void *userdata) {
         gw_log_flush_suppressed();
+        /* Give the pages that bursts (a drain, a reload, a backlog read) left free inside the
+         * heaps back to the kernel: without it glibc keeps them, and the RSS of a long-running
+         * gateway only ever grows to its worst moment. A few ms for a heap of tens of MiB. */
+        (void) malloc_trim(0);
         return rearm(s, usec + 5 * USEC_PER_SEC);
 }
 
@@ -456,6 +461,8 @@ int gw_daemon_start(const struct gw_daemon_options *opts, struct gw_daemon **ret
                 gw_log_errno(LOG_ERR, r, "Cannot watch the store: %m");
                 return 1;
         }
+        /* Completions (durable PUBACKs) first, before the input of other ready connections. */
+        (void) sd_event_source_set_priority(d->store_source, SD_EVENT_PRIORITY_IMPORTANT);
 
         r = gw_api_new(d->event, d->hub, d->config, state_dir, d->host_names, &d->api);
         if (r < 0)

@@ -259,6 +259,8 @@ void gw_hub_rearm(struct gw_hub *h) {
 
 int gw_hub_dispatch(struct gw_hub *h) {
         int n = hub_store_dispatch(h->store);
+        if (h->after_dispatch)
+                h->after_dispatch(h->after_dispatch_ud);
         gw_hub_rearm(h);
         return n;
 }

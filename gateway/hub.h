@@ -51,6 +51,10 @@ struct gw_hub {
         void *adapters_c2d_available_ud;
         /* Set by the MQTT front-end for the metrics endpoint (struct gw_mqtt_stats, front/mqtt.h). */
         const struct gw_mqtt_stats *mqtt_stats;
+        /* Set by the MQTT front-end: called at the end of gw_hub_dispatch(), once the
+         * completions of a group commit ran, to send the PUBACKs they made due together. */
+        void (*after_dispatch)(void *ud);
+        void *after_dispatch_ud;
 
 
         sd_event_source *queue_timer, *method_timer, *gc_timer;

@@ -2,6 +2,7 @@
 /* fieldhubd: the fieldhub edge gateway daemon. */
 
 #include <getopt.h>
+#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,6 +47,13 @@ int main(int argc, char **argv) {
         struct gw_daemon_options o = { .config_path = FIELDHUB_CONFIG_PATH, .log_level = -1 };
         bool check = false;
         int c;
+
+        /* Two malloc arenas, not 8 per core: every adapter line has its worker thread, and
+         * each arena a thread touches keeps its own free pages (measured: 55 Modbus lines,
+         * 24 MiB taken from the kernel for 8.6 MiB in use). MALLOC_ARENA_MAX or
+         * GLIBC_TUNABLES in the environment still win. */
+        if (!getenv("MALLOC_ARENA_MAX") && !getenv("GLIBC_TUNABLES"))
+                (void) mallopt(M_ARENA_MAX, 2);
 
         while ((c = getopt_long(argc, argv, "c:s:l:Vh", options, NULL)) >= 0) {
                 switch (c) {

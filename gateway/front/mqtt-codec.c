@@ -19,6 +19,15 @@ bool gw_mqtt_utf8_valid(const char *s, size_t len) {
                 uint32_t cp;
                 size_t n;
 
+                /* Topics are mostly ASCII: 8 bytes at a time while none is NUL or >= 0x80. */
+                if (len - i >= 8) {
+                        uint64_t w;
+                        memcpy(&w, p + i, 8);
+                        if (((w | ((w - UINT64_C(0x0101010101010101)) & ~w)) & UINT64_C(0x8080808080808080)) == 0) {
+                                i += 8;
+                                continue;
+                        }
+                }
                 if (c == 0)
                         return false; /* U+0000, §1.5.3-2 */
                 if (c < 0x80) {

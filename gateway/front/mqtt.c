@@ -74,7 +74,12 @@ struct gw_mqtt {
         size_t n_mconn; /* connection objects alive (completions may keep them after close) */
 };
 
+/* A slot of the inbound window. It is also the completion context of the outbox append of
+ * its PUBLISH (no allocation per message): a slot is reused only once its PUBACK left, that
+ * is after its completion ran. QoS 0 messages and the Will share the connection's qos0 slot
+ * (never in the window). Each pending append holds a reference on the mconn. */
 struct ack_slot {
+        struct mconn *mc;
         uint16_t packet_id;
         bool done;
 };
@@ -109,6 +114,7 @@ struct mconn {
         size_t will_len;
         /* inbound acknowledgements, in arrival order */
         struct ack_slot *acks;
+        struct ack_slot qos0; /* completion context of QoS 0 appends and the Will */
         unsigned ack_head, ack_n;
         bool held;
         bool ack_dirty; /* in m->dirty, waiting for the flush */
@@ -297,7 +303,7 @@ static struct ack_slot *ack_push(struct mconn *mc, uint16_t packet_id) {
 
 /* Sends the PUBACKs that are due, in order. */
 static void ack_flush(struct mconn *mc) {
-        uint8_t buf[4 * 16];
+        uint8_t buf[4 * 256]; /* a whole window of the default 16 leaves as one record */
         size_t n = 0;
         while (mc->ack_n > 0 && mc->acks[mc->ack_head].done) {
                 struct ack_slot *a = &mc->acks[mc->ack_head];
@@ -317,11 +323,17 @@ static void ack_flush(struct mconn *mc) {
         update_hold(mc);
 }
 
-static int on_ack_flush(sd_event_source *s, void *userdata) {
-        struct gw_mqtt *m = userdata;
+/* Sends the due PUBACKs of every connection marked dirty: from the hub's after_dispatch hook
+ * (right after the store completions that made them due, without another loop iteration),
+ * or else from the flush_src defer source. */
+static void flush_dirty(struct gw_mqtt *m) {
         struct mconn **list = m->dirty;
         size_t n = m->n_dirty;
 
+        if (n == 0)
+                return;
+        if (m->flush_src)
+                (void) sd_event_source_set_enabled(m->flush_src, SD_EVENT_OFF);
         m->dirty = NULL;
         m->n_dirty = m->dirty_cap = 0;
         for (size_t i = 0; i < n; i++) {
@@ -332,7 +344,15 @@ static int on_ack_flush(sd_event_source *s, void *userdata) {
                 mconn_unref(mc);
         }
         free(list);
+}
+
+static int on_ack_flush(sd_event_source *s, void *userdata) {
+        flush_dirty(userdata);
         return 0;
+}
+
+static void after_dispatch(void *userdata) {
+        flush_dirty(userdata);
 }
 
 static void schedule_ack_flush(struct mconn *mc) {
@@ -358,26 +378,22 @@ now:
         ack_flush(mc);
 }
 
-struct append_ctx {
-        struct mconn *mc;
-        unsigned index; /* slot index, or UINT_MAX for QoS 0 */
-        uint16_t packet_id;
-};
-
+/* ud: the message's ack_slot (see struct ack_slot). */
 static void append_done(int result, uint64_t seq, void *ud) {
-        struct append_ctx *ac = ud;
-        struct mconn *mc = ac->mc;
-        if (mc->c && ac->index != UINT32_MAX) {
+        struct ack_slot *a = ud;
+        struct mconn *mc = a->mc;
+        if (a == &mc->qos0) {
+                if (result < 0)
+                        gw_log_full(LOG_WARNING, result, GW_FIELDS(.component = "mqtt", .device = mc->device_id),
+                                    "A QoS 0 message of device %s could not be stored: %m", dev_name(mc));
+        } else if (mc->c) {
                 if (result < 0)
                         (void) mconn_fail(mc, LOG_WARNING, "the message could not be stored: %s", strerror(-result));
                 else {
-                        mc->acks[ac->index].done = true;
+                        a->done = true;
                         schedule_ack_flush(mc);
                 }
-        } else if (result < 0)
-                gw_log_full(LOG_WARNING, result, GW_FIELDS(.component = "mqtt", .device = mc->device_id),
-                            "A QoS 0 message of device %s could not be stored: %m", dev_name(mc));
-        free(ac);
+        }
         mconn_unref(mc);
 }
 
@@ -799,19 +815,9 @@ static int d2c(struct mconn *mc, const struct gw_mqtt_topic *t, const struct gw_
         if (r < 0)
                 return mconn_fail(mc, LOG_NOTICE, "message larger than 256 KB with the hub's properties");
 
-        struct append_ctx *ac = malloc(sizeof *ac);
-        if (!ac)
-                return mconn_fail(mc, LOG_WARNING, "out of memory");
-        ac->mc = mc;
-        ac->packet_id = p->packet_id;
-        ac->index = UINT32_MAX;
-        if (p->qos == 1) {
-                ac->index = (mc->ack_head + mc->ack_n) % mc->m->max_inflight;
-                (void) ack_push(mc, p->packet_id);
-        }
-        r = hub_outbox_append(mc->m->hub->outbox, msg, append_done, ac);
+        struct ack_slot *a = p->qos == 1 ? ack_push(mc, p->packet_id) : &mc->qos0;
+        r = hub_outbox_append(mc->m->hub->outbox, msg, append_done, a);
         if (r < 0) {
-                free(ac);
                 if (p->qos == 1)
                         mc->ack_n--;
                 if (r == -ENOBUFS)
@@ -1137,6 +1143,9 @@ static int on_open(struct gw_net_conn *c) {
                 mconn_unref(mc);
                 return -ENOMEM;
         }
+        for (unsigned i = 0; i < m->max_inflight; i++)
+                mc->acks[i].mc = mc;
+        mc->qos0.mc = mc;
         mc->connect_deadline_usec = now_mono() + m->connect_timeout_usec;
         gw_net_conn_set_userdata(c, mc);
         m->stats.connections_accepted++;
@@ -1188,14 +1197,8 @@ static void inject_will(struct mconn *mc) {
                             "MQTT: the Will message of device %s is invalid, dropping it", dev_name(mc));
                 return;
         }
-        struct append_ctx *ac = malloc(sizeof *ac);
-        if (!ac)
-                return;
-        ac->mc = mconn_ref(mc);
-        ac->index = UINT32_MAX;
-        ac->packet_id = 0;
-        if (hub_outbox_append(mc->m->hub->outbox, msg, append_done, ac) < 0) {
-                free(ac);
+        mconn_ref(mc);
+        if (hub_outbox_append(mc->m->hub->outbox, msg, append_done, &mc->qos0) < 0) {
                 mconn_unref(mc);
                 return;
         }
@@ -1296,8 +1299,12 @@ int gw_mqtt_new(sd_event *e, struct gw_hub *hub, const struct gw_config *cfg, co
         m->host_names = host_names;
         /* Off until a completion makes a PUBACK sendable (then one-shot). Without it every
          * PUBACK is sent at once; that is correct, only slower. */
-        if (sd_event_add_defer(e, &m->flush_src, on_ack_flush, m) >= 0)
+        if (sd_event_add_defer(e, &m->flush_src, on_ack_flush, m) >= 0) {
                 (void) sd_event_source_set_enabled(m->flush_src, SD_EVENT_OFF);
+                /* Right after the store completions that made PUBACKs due, before the input
+                 * of other connections already waiting in the same loop iteration. */
+                (void) sd_event_source_set_priority(m->flush_src, SD_EVENT_PRIORITY_IMPORTANT);
+        }
         m->max_inflight = cfg->mqtt_max_inflight ? cfg->mqtt_max_inflight : GW_CONFIG_MQTT_MAX_INFLIGHT_DEFAULT;
         m->max_packet = cfg->mqtt_max_packet_bytes ? cfg->mqtt_max_packet_bytes : GW_MQTT_DEVICE_MAX_PACKET;
         m->max_ka_timeout_usec = cfg->mqtt_max_keep_alive_timeout_usec;
@@ -1352,6 +1359,8 @@ int gw_mqtt_new(sd_event *e, struct gw_hub *hub, const struct gw_config *cfg, co
         }
         hub->c2d_available = (void (*)(void *, const char *)) gw_mqtt_c2d_available;
         hub->c2d_available_ud = m;
+        hub->after_dispatch = after_dispatch;
+        hub->after_dispatch_ud = m;
         hub->mqtt_stats = &m->stats;
         *ret = m;
         return 0;
@@ -1374,6 +1383,10 @@ struct gw_mqtt *gw_mqtt_free(struct gw_mqtt *m) {
         }
         m->dirty = mfree_dirty(m->dirty);
         m->n_dirty = m->dirty_cap = 0;
+        if (m->hub && m->hub->after_dispatch_ud == m) {
+                m->hub->after_dispatch = NULL;
+                m->hub->after_dispatch_ud = NULL;
+        }
         if (m->hub && m->hub->c2d_available_ud == m) {
                 m->hub->c2d_available = NULL;
                 m->hub->c2d_available_ud = NULL;

@@ -53,7 +53,7 @@ static void update_events(struct gw_net_conn *c) {
                         ev |= EPOLLOUT;
                 break;
         case GW_CONN_OPEN:
-                if (!c->paused)
+                if (!c->paused || c->lazy_in)
                         ev |= EPOLLIN;
                 if (c->out_bytes > 0 || c->tls_want_write)
                         ev |= EPOLLOUT;
@@ -122,6 +122,7 @@ void gw_conn_free(struct gw_net_conn *c) {
                 mbedtls_ssl_free(c->ssl);
                 free(c->ssl);
         }
+        gw_tls_conn_forget(c);
         gw_tls_server_unref(c->tls);
         free(c->sni);
         free(c);
@@ -155,6 +156,8 @@ static void set_paused(struct gw_net_conn *c, bool paused) {
         if (c->paused == paused || c->state != GW_CONN_OPEN)
                 return;
         c->paused = paused;
+        /* Pausing leaves EPOLLIN registered until it fires (see lazy_in). */
+        c->lazy_in = paused && (c->io_events & EPOLLIN);
         gw_log_full(LOG_DEBUG, 0, NET_FIELDS, "%s: %s reading (%zu bytes queued for output)", c->peer,
                     paused ? "pausing" : "resuming", c->out_bytes);
         if (!paused)
@@ -231,6 +234,49 @@ static int flush_output(struct gw_net_conn *c) {
                 output_shrunk(c);
         }
         return 0;
+}
+
+/* With nothing queued, writes straight from the caller's buffer (no chunk, no copy): TLS one
+ * record per 16 KiB. Returns the bytes the socket took (the rest is for the queue), or < 0
+ * when the connection failed. A TLS record that mbedtls answered with WANT_WRITE is already
+ * encrypted inside mbedtls: those bytes are reported as not taken, so that they go to the
+ * head of the queue and the write is repeated with the same length (tls_write_pending). */
+static ssize_t write_direct(struct gw_net_conn *c, const uint8_t *p, size_t len) {
+        size_t done = 0;
+
+        while (done < len) {
+                ssize_t n;
+                if (c->ssl) {
+                        size_t k = MIN(len - done, (size_t) TLS_MAX_WRITE);
+                        int r = mbedtls_ssl_write(c->ssl, p + done, k);
+                        if (r == MBEDTLS_ERR_SSL_WANT_WRITE || r == MBEDTLS_ERR_SSL_WANT_READ) {
+                                c->tls_write_pending = k;
+                                c->tls_want_write = r == MBEDTLS_ERR_SSL_WANT_WRITE;
+                                break;
+                        }
+                        if (r < 0) {
+                                tls_fail(c, "write", r);
+                                return -EPROTO;
+                        }
+                        n = r;
+                } else {
+                        n = send(c->fd, p + done, len - done, MSG_NOSIGNAL | MSG_DONTWAIT);
+                        if (n < 0) {
+                                if (errno == EAGAIN || errno == EWOULDBLOCK)
+                                        break;
+                                if (errno == EINTR)
+                                        continue;
+                                int e = -errno;
+                                gw_log_full(LOG_DEBUG, e, NET_FIELDS, "%s: send: %m", c->peer);
+                                gw_conn_fail(c, e == -EPIPE ? -ECONNRESET : e);
+                                return e;
+                        }
+                }
+                done += (size_t) n;
+        }
+        if (done > 0)
+                gw_listener_touch(c);
+        return (ssize_t) done;
 }
 
 /* Offers input to the front-end. data/len: new bytes (may be the connection's own buffer
@@ -479,6 +525,8 @@ static void conn_process(struct gw_net_conn *c) {
 
 static int on_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         struct gw_net_conn *c = userdata;
+        if (c->lazy_in && (revents & EPOLLIN))
+                c->lazy_in = false; /* input while paused: stop polling for it (update_events) */
         conn_process(c);
         return 0;
 }
@@ -569,6 +617,15 @@ int gw_net_conn_send(struct gw_net_conn *c, const void *data, size_t len) {
         }
 
         const uint8_t *p = data;
+        if (!c->out_head && !c->tls_write_pending && !c->tls_want_write) {
+                ssize_t n = write_direct(c, p, len);
+                if (n < 0)
+                        return -ECONNRESET;
+                p += n;
+                len -= (size_t) n;
+                if (len == 0)
+                        return 0;
+        }
         struct gw_out_chunk *t = c->out_tail;
         if (t && t->cap > t->len && !(c->ssl && c->tls_write_pending && t == c->out_head)) {
                 size_t k = MIN(t->cap - t->len, len);

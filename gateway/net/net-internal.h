@@ -94,11 +94,23 @@ struct gw_net_conn {
         size_t tls_write_pending;  /* length of an mbedtls_ssl_write to be repeated */
         bool tls_want_read, tls_want_write;
         bool close_notify_done;
+        /* TLS read-ahead (tls.c): bytes received but not yet taken by mbedtls, which asks
+         * for a record header, then its body. ra points into the listener-wide buffer, or
+         * into ra_own once they had to be moved out of it. ra_drained: the last recv()
+         * returned less than asked, so the socket is empty and the next read would only
+         * say EAGAIN (epoll, level-triggered, reports anything newer). */
+        uint8_t *ra, *ra_own;
+        size_t ra_off, ra_len;
+        bool ra_drained;
         uint32_t verify_flags;
         char *sni;
 
         bool paused, above_low_mark, reason_set, opened;
         bool held; /* input held by the front-end (gw_net_conn_hold_input) */
+        /* Paused, but EPOLLIN still registered: it is dropped only when it fires, so that a
+         * short pause (the MQTT window filling and emptying with every group commit) costs
+         * no epoll_ctl() calls. */
+        bool lazy_in;
         int close_reason;
 
         uint8_t *in;
@@ -136,4 +148,6 @@ void gw_conn_free(struct gw_net_conn *c);
 
 /* tls.c */
 int gw_tls_conn_setup(struct gw_net_conn *c);
+/* Forgets the connection's read-ahead (it is being freed). */
+void gw_tls_conn_forget(struct gw_net_conn *c);
 const char *gw_tls_strerror(int err, char *buf, size_t size);

@@ -90,20 +90,86 @@ static int bio_send(void *ctx, const unsigned char *buf, size_t len) {
         }
 }
 
+/* Read-ahead. mbedtls 2.28 reads a record as two exact reads (5 header bytes, then the
+ * body) and then a third that says EAGAIN: three recv() calls per record. Instead, one
+ * recv() takes what the socket has into a buffer shared by all connections (the loop is
+ * single-threaded and reads one connection at a time), and mbedtls is served from there.
+ * Bytes still unread when another connection needs the buffer move to a buffer of their
+ * owner's (rare: a record split across TCP segments, or reading stopped by a budget, a
+ * pause or a close), so an idle connection holds nothing. */
+#define RA_SIZE (32u * 1024u)
+static uint8_t ra_shared[RA_SIZE];
+static struct gw_net_conn *ra_owner; /* whose unread bytes are in ra_shared, or NULL */
+
+static size_t ra_avail(const struct gw_net_conn *c) {
+        return c->ra_len - c->ra_off;
+}
+
+static void ra_reset(struct gw_net_conn *c) {
+        if (ra_owner == c)
+                ra_owner = NULL;
+        free(c->ra_own);
+        c->ra = c->ra_own = NULL;
+        c->ra_off = c->ra_len = 0;
+}
+
+/* Moves the owner's unread bytes out of the shared buffer. */
+static int ra_evict(void) {
+        struct gw_net_conn *o = ra_owner;
+        size_t n = ra_avail(o);
+        uint8_t *b = malloc(n);
+        if (!b)
+                return -ENOMEM;
+        memcpy(b, o->ra + o->ra_off, n);
+        o->ra = o->ra_own = b;
+        o->ra_off = 0;
+        o->ra_len = n;
+        ra_owner = NULL;
+        return 0;
+}
+
+void gw_tls_conn_forget(struct gw_net_conn *c) {
+        ra_reset(c);
+}
+
 static int bio_recv(void *ctx, unsigned char *buf, size_t len) {
         struct gw_net_conn *c = ctx;
-        for (;;) {
-                ssize_t n = recv(c->fd, buf, len, MSG_DONTWAIT);
-                if (n >= 0)
-                        return (int) n; /* 0 = EOF: mbedtls turns it into MBEDTLS_ERR_SSL_CONN_EOF */
-                if (errno == EINTR)
-                        continue;
-                if (errno == EAGAIN || errno == EWOULDBLOCK)
+        size_t n;
+
+        if (ra_avail(c) == 0) {
+                ra_reset(c);
+                if (c->ra_drained) {
+                        c->ra_drained = false;
                         return MBEDTLS_ERR_SSL_WANT_READ;
-                if (errno == ECONNRESET || errno == EPIPE)
-                        return MBEDTLS_ERR_NET_CONN_RESET;
-                return MBEDTLS_ERR_NET_RECV_FAILED;
+                }
+                if (ra_owner && ra_evict() < 0)
+                        return MBEDTLS_ERR_SSL_ALLOC_FAILED;
+                for (;;) {
+                        ssize_t k = recv(c->fd, ra_shared, sizeof ra_shared, MSG_DONTWAIT);
+                        if (k > 0) {
+                                c->ra = ra_shared;
+                                c->ra_len = (size_t) k;
+                                ra_owner = c;
+                                c->ra_drained = (size_t) k < sizeof ra_shared;
+                                break;
+                        }
+                        if (k == 0)
+                                return 0; /* EOF: mbedtls turns it into MBEDTLS_ERR_SSL_CONN_EOF */
+                        if (errno == EINTR)
+                                continue;
+                        if (errno == EAGAIN || errno == EWOULDBLOCK)
+                                return MBEDTLS_ERR_SSL_WANT_READ;
+                        if (errno == ECONNRESET || errno == EPIPE)
+                                return MBEDTLS_ERR_NET_CONN_RESET;
+                        return MBEDTLS_ERR_NET_RECV_FAILED;
+                }
         }
+        n = MIN(len, ra_avail(c));
+        memcpy(buf, c->ra + c->ra_off, n);
+        c->ra_off += n;
+        if (ra_avail(c) == 0)
+                ra_reset(c);
+        return (int) n;
 }
 
 static int on_sni(void *p, mbedtls_ssl_context *ssl, const unsigned char *name, size_t len) {

@@ -102,18 +102,38 @@ char *hub_time_format_iso8601(uint64_t usec, char buf[static 32]) {
                 usec = UINT64_C(253402300799999999);
 
         uint64_t secs = usec / USEC_PER_SEC, frac = usec % USEC_PER_SEC;
-        char tmp[64];
-        int64_t days = (int64_t) (secs / 86400);
-        unsigned sod = (unsigned) (secs % 86400);
-        int64_t y;
-        unsigned m, d;
+        /* The date and time of day change once a second while messages are stamped many
+         * thousand times a second: each thread keeps the last second's text. */
+        static _Thread_local uint64_t cached_secs = UINT64_MAX;
+        static _Thread_local char cached[32];
+        static _Thread_local size_t cached_len;
 
-        civil_from_days(days, &y, &m, &d);
+        if (secs != cached_secs) {
+                char tmp[64];
+                int64_t days = (int64_t) (secs / 86400);
+                unsigned sod = (unsigned) (secs % 86400);
+                int64_t y;
+                unsigned m, d;
+
+                civil_from_days(days, &y, &m, &d);
+                snprintf(tmp, sizeof tmp, "%04lld-%02u-%02uT%02u:%02u:%02u", (long long) y, m, d, sod / 3600,
+                         (sod / 60) % 60, sod % 60);
+                size_t n = strnlen(tmp, 22); /* 31 - ".1234567Z" */
+                memcpy(cached, tmp, n);
+                cached_len = n;
+                cached_secs = secs;
+        }
         /* 7 fractional digits (100 ns ticks), like .NET's "o" format IoT Hub emits. */
-        snprintf(tmp, sizeof tmp, "%04lld-%02u-%02uT%02u:%02u:%02u.%07lluZ", (long long) y, m, d,
-                 sod / 3600, (sod / 60) % 60, sod % 60, (unsigned long long) frac * 10u);
-        size_t n = strnlen(tmp, 31);
-        memcpy(buf, tmp, n);
+        size_t n = cached_len;
+        memcpy(buf, cached, n);
+        buf[n++] = '.';
+        uint64_t ticks = frac * 10u;
+        for (int i = 6; i >= 0; i--) {
+                buf[n + (size_t) i] = (char) ('0' + ticks % 10);
+                ticks /= 10;
+        }
+        n += 7;
+        buf[n++] = 'Z';
         buf[n] = 0;
         return buf;
 }

@@ -17,21 +17,31 @@
 
 #include <errno.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
 #include "hub/msg.h"
 
+/* Bytes kept inside the message for its strings (system values, property names and values),
+ * so that building a typical message costs one allocation: the body follows the struct, and
+ * strings are carved from the arena until it is used up (then each is malloc'd). A replaced
+ * string's arena bytes are not reused. */
+#define MSG_ARENA_SIZE 320u
+
 struct hub_msg {
         unsigned n_ref;
         size_t limit;
         size_t size; /* IoT Hub size, kept up to date by every setter */
-        uint8_t *body;
+        uint8_t *body; /* body_inline, or NULL when empty */
         size_t body_len;
         char *sys[_HUB_SYS_MAX];
         struct hub_msg_prop *props;
-        size_t n_props;
+        size_t n_props, props_cap;
+        size_t arena_used;
+        char arena[MSG_ARENA_SIZE];
+        uint8_t body_inline[];
 };
 
 struct sys_prop_names {
@@ -68,6 +78,31 @@ static const struct sys_prop_names sys_names[_HUB_SYS_MAX] = {
         [HUB_SYS_MESSAGE_SOURCE] = { NULL, NULL, "iothub-message-source", false },
         [HUB_SYS_DATA_SCHEMA] = { NULL, "$dt-dataschema", "dt-dataschema", false },
 };
+
+static bool in_arena(const struct hub_msg *m, const char *p) {
+        return p >= m->arena && p < m->arena + sizeof m->arena;
+}
+
+/* A copy of s[0..n) (NUL-terminated) owned by m: in the arena while it has room. */
+static char *msg_strndup(struct hub_msg *m, const char *s, size_t n) {
+        char *p;
+        if (n < sizeof m->arena - m->arena_used) {
+                p = m->arena + m->arena_used;
+                m->arena_used += n + 1;
+        } else {
+                p = malloc(n + 1);
+                if (!p)
+                        return NULL;
+        }
+        memcpy(p, s, n);
+        p[n] = 0;
+        return p;
+}
+
+static void msg_strfree(struct hub_msg *m, char *p) {
+        if (p && !in_arena(m, p))
+                free(p);
+}
 
 static bool sys_prop_valid(enum hub_sys_prop p) {
         return (unsigned) p < _HUB_SYS_MAX;
@@ -119,15 +154,13 @@ int hub_msg_new(const void *body, size_t len, size_t limit, struct hub_msg **ret
         if (len > limit)
                 return -E2BIG;
 
-        m = calloc(1, sizeof *m);
+        m = malloc(sizeof *m + len);
         if (!m)
                 return -ENOMEM;
+        /* Everything but the arena's bytes starts zeroed. */
+        memset(m, 0, offsetof(struct hub_msg, arena));
         if (len > 0) {
-                m->body = malloc(len);
-                if (!m->body) {
-                        free(m);
-                        return -ENOMEM;
-                }
+                m->body = m->body_inline;
                 memcpy(m->body, body, len);
         }
         m->n_ref = 1;
@@ -146,12 +179,11 @@ struct hub_msg *hub_msg_ref(struct hub_msg *m) {
 }
 
 static void msg_free(struct hub_msg *m) {
-        free(m->body);
         for (unsigned i = 0; i < _HUB_SYS_MAX; i++)
-                free(m->sys[i]);
+                msg_strfree(m, m->sys[i]);
         for (size_t i = 0; i < m->n_props; i++) {
-                free(m->props[i].name);
-                free(m->props[i].value);
+                msg_strfree(m, m->props[i].name);
+                msg_strfree(m, m->props[i].value);
         }
         free(m->props);
         free(m);
@@ -193,12 +225,12 @@ int hub_msg_set_sys(struct hub_msg *m, enum hub_sys_prop p, const char *value) {
         if (r < 0)
                 return r;
         if (value) {
-                copy = strdup(value);
+                copy = msg_strndup(m, value, add);
                 if (!copy)
                         return -ENOMEM;
         }
 
-        free(m->sys[p]);
+        msg_strfree(m, m->sys[p]);
         m->sys[p] = copy;
         m->size = new_size;
         return 0;
@@ -232,9 +264,10 @@ int hub_msg_set_prop(struct hub_msg *m, const char *name, const char *value) {
         else if (m->n_props >= HUB_MSG_MAX_PROPS)
                 return -E2BIG;
 
-        add = value ? strlen(value) : 0;
+        size_t vl = value ? strlen(value) : 0, nl = 0;
+        add = vl;
         if (!p) {
-                size_t nl = strlen(name);
+                nl = strlen(name);
                 if (nl > m->limit || add > m->limit - nl)
                         return -E2BIG;
                 add += nl;
@@ -244,29 +277,33 @@ int hub_msg_set_prop(struct hub_msg *m, const char *name, const char *value) {
                 return r;
 
         if (value) {
-                vcopy = strdup(value);
+                vcopy = msg_strndup(m, value, vl);
                 if (!vcopy)
                         return -ENOMEM;
         }
 
         if (!p) {
-                char *ncopy = strdup(name);
+                char *ncopy = msg_strndup(m, name, nl);
                 if (!ncopy) {
-                        free(vcopy);
+                        msg_strfree(m, vcopy);
                         return -ENOMEM;
                 }
-                struct hub_msg_prop *np = realloc(m->props, (m->n_props + 1) * sizeof *np);
-                if (!np) {
-                        free(ncopy);
-                        free(vcopy);
-                        return -ENOMEM;
+                if (m->n_props == m->props_cap) {
+                        size_t cap = m->props_cap ? m->props_cap * 2 : 4;
+                        struct hub_msg_prop *np = realloc(m->props, cap * sizeof *np);
+                        if (!np) {
+                                msg_strfree(m, ncopy);
+                                msg_strfree(m, vcopy);
+                                return -ENOMEM;
+                        }
+                        m->props = np;
+                        m->props_cap = cap;
                 }
-                m->props = np;
                 p = &m->props[m->n_props++];
                 *p = (struct hub_msg_prop) { .name = ncopy, .value = NULL };
         }
 
-        free(p->value);
+        msg_strfree(m, p->value);
         p->value = vcopy;
         m->size = new_size;
         return 0;

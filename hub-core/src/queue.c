@@ -380,6 +380,16 @@ struct hub_queue {
         struct hub_queue_hooks hooks;
         const struct hub_log *log;
         struct op *ops; /* pending, for detaching at free */
+        /* hub_queue_next_deadline() runs after every store dispatch (for each group commit
+         * of D2C messages too): its statement is prepared once on the read connection
+         * (finalized by hub_queue_free(), which must run before the store is closed), and
+         * its answer is kept until a queue write completes (op_done: only queue writes
+         * touch the queue tables). */
+        sqlite3 *deadline_db;
+        sqlite3_stmt *deadline_st;
+        bool deadline_valid;
+        int deadline_r;
+        uint64_t deadline_usec;
 };
 
 static void avail_free_all(struct avail *a) {
@@ -430,6 +440,7 @@ struct hub_queue *hub_queue_free(struct hub_queue *q) {
                 return NULL;
         for (struct op *op = q->ops; op; op = op->next)
                 op->q = NULL;
+        (void) sqlite3_finalize(q->deadline_st);
         free(q);
         return NULL;
 }
@@ -457,6 +468,7 @@ static void op_done(int result, void *userdata) {
         struct hub_queue *q = op->q;
 
         if (q) {
+                q->deadline_valid = false;
                 if (op->prev)
                         op->prev->next = op->next;
                 else
@@ -1603,16 +1615,42 @@ int hub_queue_next_deadline(struct hub_queue *q, uint64_t *ret_usec) {
 
         if (!q || !ret_usec)
                 return -EINVAL;
-        r = query_int(hub_store_read_db(q->store),
-                      "SELECT min(x) FROM ("
-                      " SELECT min(lock_until) AS x FROM c2d_messages WHERE lock_until IS NOT NULL"
-                      " UNION ALL SELECT min(expiry) FROM c2d_messages"
-                      " UNION ALL SELECT min(time) + ?2 FROM c2d_feedback_records"
-                      " UNION ALL SELECT min(lock_until) FROM c2d_feedback_messages WHERE lock_until IS NOT NULL"
-                      " UNION ALL SELECT min(expiry) FROM c2d_feedback_messages)",
-                      NULL, (int64_t) HUB_QUEUE_FEEDBACK_BATCH_USEC, &t);
-        if (r <= 0)
+        sqlite3 *db = hub_store_read_db(q->store);
+        if (q->deadline_valid && q->deadline_db == db) {
+                if (q->deadline_r > 0)
+                        *ret_usec = q->deadline_usec;
+                return q->deadline_r;
+        }
+        if (!q->deadline_st || q->deadline_db != db) {
+                (void) sqlite3_finalize(q->deadline_st);
+                q->deadline_st = NULL;
+                q->deadline_db = NULL;
+                r = prep(db,
+                         "SELECT min(x) FROM ("
+                         " SELECT min(lock_until) AS x FROM c2d_messages WHERE lock_until IS NOT NULL"
+                         " UNION ALL SELECT min(expiry) FROM c2d_messages"
+                         " UNION ALL SELECT min(time) + ?1 FROM c2d_feedback_records"
+                         " UNION ALL SELECT min(lock_until) FROM c2d_feedback_messages WHERE lock_until IS NOT NULL"
+                         " UNION ALL SELECT min(expiry) FROM c2d_feedback_messages)",
+                         &q->deadline_st);
+                if (r < 0)
+                        return r;
+                q->deadline_db = db;
+                sqlite3_bind_int64(q->deadline_st, 1, (int64_t) HUB_QUEUE_FEEDBACK_BATCH_USEC);
+        }
+        int rc = sqlite3_step(q->deadline_st);
+        if (rc == SQLITE_ROW && sqlite3_column_type(q->deadline_st, 0) != SQLITE_NULL) {
+                t = sqlite3_column_int64(q->deadline_st, 0);
+                r = 1;
+        } else
+                r = rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : hub_store_errno(rc);
+        (void) sqlite3_reset(q->deadline_st); /* ends the read transaction; the binding stays */
+        if (r < 0)
                 return r;
-        *ret_usec = t < 0 ? 0 : (uint64_t) t;
-        return 1;
+        q->deadline_valid = true;
+        q->deadline_r = r;
+        q->deadline_usec = t < 0 ? 0 : (uint64_t) t;
+        if (r > 0)
+                *ret_usec = q->deadline_usec;
+        return r;
 }

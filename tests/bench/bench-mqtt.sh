@@ -14,6 +14,8 @@
 #   SERVER_CPU [0]      core of the servers   GEN_CPU [1]     core of the generator
 #   RATE_FRACTION [0.5] fixed rate = this x mosquitto's median saturation rate (per CONNS)
 #   RATE []             a fixed offered rate (msg/s) instead, for every CONNS
+#   RATES [20000]       more fixed offered rates run for both, for every CONNS (CPU per message
+#                       compared where both servers keep up; "" for none)
 #   CIPHERS [ECDHE-ECDSA-AES128-GCM-SHA256]  the TLS 1.2 suite both servers must use
 #   NICE [-10]          priority of both servers and the generator (when run as root)
 #   RT [0]              1: SCHED_FIFO for both servers and the generator instead (as root)
@@ -39,6 +41,7 @@ IDLE_PROCS=${IDLE_PROCS:-2}
 SERVER_CPU=${SERVER_CPU:-0}
 GEN_CPU=${GEN_CPU:-1}
 RATE_FRACTION=${RATE_FRACTION:-0.5}
+RATES=${RATES-20000}
 CIPHERS=${CIPHERS:-ECDHE-ECDSA-AES128-GCM-SHA256}
 NICE=${NICE:--10}
 RT=${RT:-0}
@@ -128,6 +131,7 @@ mqtt:
   limits:
     max_connections: 20000
     max_connections_per_address: 20000
+    max_inflight: $WINDOW # the generator's window: fieldhub must not hold input below it
 EOF
 
 start_fieldhub() {
@@ -255,13 +259,14 @@ for conns in $CONNS; do
                 fi
                 rate=$(python3 -c "print(int($msat * $RATE_FRACTION))")
                 [ -n "${RATE:-}" ] && rate=$RATE
-                if [ "$rate" -gt 0 ]; then
-                        echo "bench-mqtt: fixed offered rate for $conns connections: $rate msg/s" >&2
+                for r in $rate $RATES; do
+                        [ "$r" -gt 0 ] || continue
+                        echo "bench-mqtt: fixed offered rate for $conns connections: $r msg/s" >&2
                         for i in $(seq "$RUNS"); do
-                                run fieldhub rate "$conns" "$i" --duration "$DURATION" --warmup "$WARMUP" --rate "$rate"
-                                run mosquitto rate "$conns" "$i" --duration "$DURATION" --warmup "$WARMUP" --rate "$rate"
+                                run fieldhub rate "$conns" "$i" --duration "$DURATION" --warmup "$WARMUP" --rate "$r"
+                                run mosquitto rate "$conns" "$i" --duration "$DURATION" --warmup "$WARMUP" --rate "$r"
                         done
-                fi
+                done
         fi
 done
 
@@ -287,8 +292,9 @@ python3 - "$RESULTS" "$OUT/summary.md" "$PAYLOAD" "$WINDOW" "$DURATION" "$RUNS" 
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 payload, window, duration, runs = sys.argv[3:7]
-def med(server, test, conns, key):
-    v = [d["r"][key] for d in rows if d["server"] == server and d["test"] == test and d["conns"] == conns and d["r"]]
+def med(server, test, conns, key, offered=None):
+    v = [d["r"][key] for d in rows if d["server"] == server and d["test"] == test and d["conns"] == conns and d["r"]
+         and (offered is None or d["r"].get("offered") == offered)]
     return statistics.median(v) if v else None
 def idle_kib(server, conns):
     v = [(d["r"]["server_rss_kb_connected"] - d["r"]["server_rss_kb_start"]) / max(1, d["r"]["connected"])
@@ -309,17 +315,19 @@ for conns in sorted({d["conns"] for d in rows if d["test"] != "idle"}):
         out.append(f"| {conns} | saturation msg/s (durable PUBACK for fieldhub) | {fmt(fs, '{:,.0f}')} | {fmt(ms, '{:,.0f}')} | {ratio(fs, ms)} | >= 1.0x |")
         out.append(f"| {conns} | generator CPU at saturation (cores) | {fmt(med('fieldhub', 'sat', conns, 'gen_cores'), '{:.2f}')} | {fmt(med('mosquitto', 'sat', conns, 'gen_cores'), '{:.2f}')} | | < 1.0 (headroom) |")
         out.append(f"| {conns} | server CPU at saturation (cores) | {fmt(med('fieldhub', 'sat', conns, 'server_cores'), '{:.2f}')} | {fmt(med('mosquitto', 'sat', conns, 'server_cores'), '{:.2f}')} | | |")
-    rate = next((d["r"]["offered"] for d in rows if d["test"] == "rate" and d["conns"] == conns and d["r"]), None)
-    if rate:
-        fr, mr = med("fieldhub", "rate", conns, "msgs_per_sec"), med("mosquitto", "rate", conns, "msgs_per_sec")
-        fc, mc = med("fieldhub", "rate", conns, "server_us_per_msg"), med("mosquitto", "rate", conns, "server_us_per_msg")
-        out.append(f"| {conns} | achieved msg/s at {rate:,.0f} offered | {fmt(fr, '{:,.0f}')} | {fmt(mr, '{:,.0f}')} | {ratio(fr, mr)} | |")
-        out.append(f"| {conns} | server CPU us/msg at {rate:,.0f} msg/s | {fmt(fc, '{:.2f}')} | {fmt(mc, '{:.2f}')} | {ratio(fc, mc)} | <= 1.0x |")
+    rates = sorted({d["r"]["offered"] for d in rows if d["test"] == "rate" and d["conns"] == conns and d["r"]})
+    for rate in rates:
+        fr, mr = med("fieldhub", "rate", conns, "msgs_per_sec", rate), med("mosquitto", "rate", conns, "msgs_per_sec", rate)
+        fc, mc = med("fieldhub", "rate", conns, "server_us_per_msg", rate), med("mosquitto", "rate", conns, "server_us_per_msg", rate)
+        # CPU per message falls as the rate rises: it compares only where both achieved the offered rate.
+        kept = fr is not None and mr is not None and fr >= 0.97 * rate and mr >= 0.97 * rate
+        out.append(f"| {conns} | achieved msg/s at {rate:,.0f} offered | {fmt(fr, '{:,.0f}')} | {fmt(mr, '{:,.0f}')} | {ratio(fr, mr)} | {'' if kept else 'one server did not keep up: CPU/msg not comparable'} |")
+        out.append(f"| {conns} | server CPU us/msg at {rate:,.0f} msg/s | {fmt(fc, '{:.2f}')} | {fmt(mc, '{:.2f}')} | {ratio(fc, mc)} | <= 1.0x{'' if kept else ' (n/a)'} |")
         for k, name in (("p50_ms", "p50"), ("p99_ms", "p99")):
-            f_, m_ = med("fieldhub", "rate", conns, k), med("mosquitto", "rate", conns, k)
+            f_, m_ = med("fieldhub", "rate", conns, k, rate), med("mosquitto", "rate", conns, k, rate)
             out.append(f"| {conns} | {name} publish->PUBACK ms at {rate:,.0f} msg/s | {fmt(f_, '{:.2f}')} | {fmt(m_, '{:.2f}')} | {ratio(f_, m_)} | {'p99 <= 10 ms' if name == 'p99' else ''} |")
-        fh, mh = med("fieldhub", "rate", conns, "server_hwm_kb"), med("mosquitto", "rate", conns, "server_hwm_kb")
-        out.append(f"| {conns} | server peak RSS (VmHWM) MiB | {fmt(fh and fh / 1024, '{:.0f}')} | {fmt(mh and mh / 1024, '{:.0f}')} | | |")
+        fh, mh = med("fieldhub", "rate", conns, "server_hwm_kb", rate), med("mosquitto", "rate", conns, "server_hwm_kb", rate)
+        out.append(f"| {conns} | server peak RSS (VmHWM) MiB at {rate:,.0f} msg/s | {fmt(fh and fh / 1024, '{:.0f}')} | {fmt(mh and mh / 1024, '{:.0f}')} | | |")
 for conns in sorted({d["conns"] for d in rows if d["test"] == "idle"}):
     fi, mi = idle_kib("fieldhub", conns), idle_kib("mosquitto", conns)
     fc = med("fieldhub", "idle", conns, "connected")

@@ -1082,6 +1082,42 @@ static void test_filters(void) {
         ASSERT_EQ(gw_mqtt_granted_qos(2), 1);
 }
 
+/* UTF-8 validation (§1.5.3), also through its 8-bytes-at-a-time ASCII path: a NUL, a
+ * multi-byte character or a bad byte at every position of a long string. */
+static void test_utf8(void) {
+        char s[40];
+        for (size_t len = 0; len <= 24; len++) {
+                memset(s, 'a', sizeof s);
+                ASSERT_TRUE(gw_mqtt_utf8_valid(s, len));
+                for (size_t i = 0; i < len; i++) {
+                        memset(s, 'a', sizeof s);
+                        s[i] = 0;
+                        ASSERT_FALSE(gw_mqtt_utf8_valid(s, len));
+                        s[i] = (char) 0x80; /* lone continuation byte */
+                        ASSERT_FALSE(gw_mqtt_utf8_valid(s, len));
+                        s[i] = (char) 0xff;
+                        ASSERT_FALSE(gw_mqtt_utf8_valid(s, len));
+                        s[i] = 0x7f;
+                        ASSERT_TRUE(gw_mqtt_utf8_valid(s, len));
+                        if (i + 2 <= len) { /* U+00E9 */
+                                s[i] = (char) 0xc3;
+                                s[i + 1] = (char) 0xa9;
+                                ASSERT_TRUE(gw_mqtt_utf8_valid(s, len));
+                                s[i + 1] = 'a'; /* truncated sequence */
+                                ASSERT_FALSE(gw_mqtt_utf8_valid(s, len));
+                        }
+                        if (i + 3 <= len) { /* U+D800, a surrogate */
+                                memcpy(s + i, "\xed\xa0\x80", 3);
+                                ASSERT_FALSE(gw_mqtt_utf8_valid(s, len));
+                                memcpy(s + i, "\xe2\x82\xac", 3); /* U+20AC */
+                                ASSERT_TRUE(gw_mqtt_utf8_valid(s, len));
+                        }
+                }
+        }
+        ASSERT_TRUE(gw_mqtt_utf8_valid("devices/d1/messages/events/%24.ct=application%2Fjson", 52));
+        ASSERT_FALSE(gw_mqtt_utf8_valid("devices/d1/messages/events/\0abcdefgh", 36));
+}
+
 static void test_strerror(void) {
         for (int e = GW_MQTT_E_BASE; e < _GW_MQTT_E_MAX; e++) {
                 ASSERT_NOT_NULL(gw_mqtt_strerror(-e));
@@ -1105,6 +1141,7 @@ int main(void) {
         TEST_RUN(test_bags);
         TEST_RUN(test_d2c_limit);
         TEST_RUN(test_filters);
+        TEST_RUN(test_utf8);
         TEST_RUN(test_strerror);
         return 0;
 }

@@ -144,6 +144,76 @@ static void test_app_props(void) {
         ASSERT_OK(hub_msg_set_prop(m, "p10", "replaced")); /* replacing still works */
 }
 
+/* Strings live in the message's own arena until it is full, then in their own allocations:
+ * every mix must read back right, survive replacement and free cleanly (ASan). */
+static void test_string_storage(void) {
+        _cleanup_(hub_msg_unrefp) struct hub_msg *m = NULL;
+        _cleanup_free_ char *big = repeat('v', 1000), *mid = repeat('m', 100);
+        char name[32], value[32];
+
+        ASSERT_OK(hub_msg_new("x", 1, HUB_MSG_D2C_MAX_SIZE, &m));
+        ASSERT_OK(hub_msg_set_sys(m, HUB_SYS_CONNECTION_DEVICE_ID, "dev-1"));
+        ASSERT_OK(hub_msg_set_sys(m, HUB_SYS_CONTENT_TYPE, mid));
+        ASSERT_OK(hub_msg_set_sys(m, HUB_SYS_MESSAGE_SOURCE, big));
+        ASSERT_OK(hub_msg_set_sys(m, HUB_SYS_CONTENT_TYPE, "application/json")); /* replaces an arena string */
+        ASSERT_OK(hub_msg_set_sys(m, HUB_SYS_MESSAGE_SOURCE, "Telemetry"));     /* replaces a malloc'd one */
+        for (unsigned i = 0; i < 40; i++) {
+                snprintf(name, sizeof name, "p%u", i);
+                snprintf(value, sizeof value, "value-%u", i);
+                ASSERT_OK(hub_msg_set_prop(m, name, i % 7 == 3 ? NULL : value));
+        }
+        ASSERT_OK(hub_msg_set_prop(m, "p5", big));
+        ASSERT_OK(hub_msg_set_prop(m, "p6", "short"));
+        ASSERT_OK(hub_msg_set_sys(m, HUB_SYS_CONNECTION_DEVICE_ID, NULL));
+        ASSERT_OK(hub_msg_set_sys(m, HUB_SYS_CONNECTION_DEVICE_ID, "dev-2"));
+
+        ASSERT_STREQ(hub_msg_get_sys(m, HUB_SYS_CONNECTION_DEVICE_ID), "dev-2");
+        ASSERT_STREQ(hub_msg_get_sys(m, HUB_SYS_CONTENT_TYPE), "application/json");
+        ASSERT_STREQ(hub_msg_get_sys(m, HUB_SYS_MESSAGE_SOURCE), "Telemetry");
+        ASSERT_EQ(hub_msg_n_props(m), 40);
+        for (unsigned i = 0; i < 40; i++) {
+                bool found;
+                snprintf(name, sizeof name, "p%u", i);
+                snprintf(value, sizeof value, "value-%u", i);
+                const char *v = hub_msg_get_prop(m, name, &found);
+                ASSERT_TRUE(found);
+                ASSERT_STREQ(hub_msg_prop_at(m, i)->name, name);
+                if (i == 5)
+                        ASSERT_STREQ(v, big);
+                else if (i == 6)
+                        ASSERT_STREQ(v, "short");
+                else if (i % 7 == 3)
+                        ASSERT_NULL(v);
+                else
+                        ASSERT_STREQ(v, value);
+        }
+        /* The size counts what is set now, not what the arena once held. */
+        size_t want = 1 + strlen("dev-2") + strlen("application/json") + strlen("Telemetry");
+        for (unsigned i = 0; i < 40; i++) {
+                snprintf(name, sizeof name, "p%u", i);
+                const char *v = hub_msg_get_prop(m, name, NULL);
+                want += strlen(name) + (v ? strlen(v) : 0);
+        }
+        ASSERT_EQ(hub_msg_size(m), want);
+
+        /* And the encoding round-trips. */
+        _cleanup_free_ uint8_t *buf = NULL;
+        size_t len;
+        _cleanup_(hub_msg_unrefp) struct hub_msg *back = NULL;
+        ASSERT_OK(hub_msg_serialize(m, &buf, &len));
+        ASSERT_OK(hub_msg_deserialize(buf, len, HUB_MSG_D2C_MAX_SIZE, &back));
+        ASSERT_STREQ(hub_msg_get_prop(back, "p5", NULL), big);
+        ASSERT_STREQ(hub_msg_get_sys(back, HUB_SYS_CONNECTION_DEVICE_ID), "dev-2");
+        ASSERT_EQ(hub_msg_size(back), want);
+
+        /* An empty body. */
+        _cleanup_(hub_msg_unrefp) struct hub_msg *e = NULL;
+        size_t blen = 7;
+        ASSERT_OK(hub_msg_new(NULL, 0, HUB_MSG_D2C_MAX_SIZE, &e));
+        ASSERT_NULL(hub_msg_body(e, &blen));
+        ASSERT_EQ(blen, 0);
+}
+
 static void test_limits(void) {
         _cleanup_(hub_msg_unrefp) struct hub_msg *m = NULL;
         _cleanup_free_ char *body = repeat('b', 1000);
@@ -474,6 +544,17 @@ static void test_iso8601(void) {
                 ASSERT_EQ(t, v);
         }
 
+        /* The formatted second is cached: calls within one second, into the next one, and
+         * back to an earlier one must each give the exact text. */
+        t = UINT64_C(1464816163) * USEC_PER_SEC;
+        ASSERT_STREQ(hub_time_format_iso8601(t + 1, buf), "2016-06-01T21:22:43.0000010Z");
+        ASSERT_STREQ(hub_time_format_iso8601(t + 999999, buf), "2016-06-01T21:22:43.9999990Z");
+        ASSERT_STREQ(hub_time_format_iso8601(t + 1000000, buf), "2016-06-01T21:22:44.0000000Z");
+        ASSERT_STREQ(hub_time_format_iso8601(t + 86400 * USEC_PER_SEC + 5, buf), "2016-06-02T21:22:43.0000050Z");
+        ASSERT_STREQ(hub_time_format_iso8601(t + 120, buf), "2016-06-01T21:22:43.0001200Z");
+        ASSERT_STREQ(hub_time_format_iso8601(0, buf), "0001-01-01T00:00:00Z");
+        ASSERT_STREQ(hub_time_format_iso8601(t + 120, buf), "2016-06-01T21:22:43.0001200Z");
+
         static const char *const bad[] = {
                 "", "2016", "2016-06-01", "2016-06-01T21:22", "2016-06-01 21:22:43Z",
                 "2016-13-01T00:00:00Z", "2016-02-30T00:00:00Z", "2015-02-29T00:00:00Z",
@@ -573,6 +654,7 @@ int main(int argc, char **argv) {
         TEST_RUN(test_sys_props);
         TEST_RUN(test_id_lengths);
         TEST_RUN(test_app_props);
+        TEST_RUN(test_string_storage);
         TEST_RUN(test_limits);
         TEST_RUN(test_name_tables);
         TEST_RUN(test_roundtrip);

@@ -54,7 +54,7 @@ struct admin_conn {
         char *in;
         size_t in_len, in_cap;
         char *out;
-        size_t out_len, out_off;
+        size_t out_len, out_off, out_cap;
         struct admin_conn *next;
         uid_t uid;
         int passed_fd;           /* received with SCM_RIGHTS for the next request, or -1 */
@@ -152,11 +152,16 @@ static int queue_reply(struct admin_conn *c, json_t *reply) {
                 c->out_len -= c->out_off;
                 c->out_off = 0;
         }
-        char *o = realloc(c->out, c->out_len + n);
-        if (!o)
-                return -ENOMEM;
-        memcpy(o + c->out_len, s, n);
-        c->out = o;
+        if (c->out_len + n > c->out_cap) {
+                /* Grows geometrically: monitor-events queues up to 1 MiB one event at a time. */
+                size_t cap = MAX(c->out_len + n, 2 * c->out_cap);
+                char *o = realloc(c->out, cap);
+                if (!o)
+                        return -ENOMEM;
+                c->out = o;
+                c->out_cap = cap;
+        }
+        memcpy(c->out + c->out_len, s, n);
         c->out_len += n;
         return conn_update_events(c);
 }

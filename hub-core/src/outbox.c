@@ -1,25 +1,34 @@
 /* SPDX-License-Identifier: MIT */
 /* The outbox: durable D2C log with per-endpoint cursors, the events stream (hub/outbox.h).
  *
- * Storage (store migration 4): `outbox` holds one row per message, keyed by its sequence
+ * Storage (store migrations 4 and 5): `outbox` holds one row per message, keyed by its sequence
  * number, with the serialized hub_msg, its device and module, its size and its enqueue
  * times: the wall clock, the boot it was stored in (`outbox_boots`) and that boot's
  * monotonic clock. `outbox_endpoints` holds each endpoint's cursor and counters.
  *
  * Sequence numbers are assigned here, on the owner's thread, when an append is queued: the
  * store runs writes in submission order and dispatches their completions in that order, so
- * the log is in sequence order and completions arrive in sequence order. A failed append
+ * the log is in sequence order and completions arrive in sequence order (appends that join
+ * an open append batch have higher numbers than every row of earlier batches). A failed append
  * leaves a gap, which readers never notice (they ask for "after seq"). Rows are deleted only
  * up to every endpoint's durable cursor, and the events endpoint always exists, so the
  * largest cursor or row gives the high-water mark after a restart: numbers never repeat.
  *
- * In memory, an index (a ring of small entries, one per stored row, in sequence order, with
- * running byte totals) answers every accounting question without a query: an endpoint's
- * backlog is the entries after its cursor (binary search), its bytes a difference of running
- * totals, its oldest age the first of them. */
+ * In memory, an index of chunks answers the accounting questions (backlog counts and
+ * bytes, ages, capacity and TTL moves, what the collection deletes) with a bounded memory:
+ * a chunk summarises up to CHUNK_ROWS consecutive rows of one boot (seq range, count,
+ * bytes, running totals, oldest and youngest times), ~100 bytes per 1,024 messages. Where a
+ * question falls inside a chunk (a cursor in its middle, a partly expired front, a
+ * drop-oldest cut) the chunk's rows are looked at one by one: those of the last chunk
+ * (still filling) are kept in memory, those of older chunks are read back from the log
+ * (seq, size and times only; a few chunks are cached). So the answers stay exact per
+ * message, and memory no longer grows with the retained log (it was 48 bytes per
+ * message).
+ */
 
 #include <errno.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -56,24 +65,53 @@ const char hub_outbox_schema_sql[] =
         "  delivered INTEGER NOT NULL DEFAULT 0\n"
         ") WITHOUT ROWID;\n";
 
+/* Version 5: the per-device index cost every append a second b-tree insert; the one read
+ * that used it (hub_events_read() with a device filter) scans the sequence range instead. */
+const char hub_outbox_schema_v5_sql[] = "DROP INDEX IF EXISTS outbox_by_device;\n";
+
 #define ENTRY_SYNCED 1u
 #define GC_BATCH 20000u
 #define READ_MAX 10000u
 #define BOOT_ID_MAX 64u
 
-struct ring_entry {
-        uint64_t seq;
-        uint64_t cum_bytes; /* running total of sizes, this entry included */
-        uint64_t enq_wall;
-        uint64_t boot_time;
-        uint32_t boot;
+#define CHUNK_ROWS 1024u
+#define DETAIL_SLOTS 4u
+
+/* One row as the index sees it. cum: bytes of its chunk's rows up to it, itself included
+ * (differences stay right when the front of the chunk is trimmed). */
+struct row_info {
+        uint64_t seq, enq_wall, boot_time, cum;
         uint32_t size;
-        uint32_t flags;
 };
 
-struct ring {
-        struct ring_entry *v;
+/* Rows [first, last] of the log (every row in that range belongs to it; failed appends
+ * leave gaps, so count may be smaller than the range). cum_*: totals of all chunks up to
+ * and including this one since the index began; trimming the front of the first chunk
+ * lowers count and bytes only. min/max: bounds of the rows' times (after a trim, min may
+ * be older than the oldest row left: still a bound). */
+struct chunk {
+        uint64_t first, last;
+        uint64_t count, bytes;
+        uint64_t cum_count, cum_bytes;
+        uint64_t min_bt, max_bt, min_wall, max_wall;
+        uint32_t boot, flags;
+};
+
+struct detail {
+        uint64_t first, last; /* the chunk it was read for (0, 0 = empty slot) */
+        struct row_info *v;
+        size_t n, cap;
+};
+
+struct chunk_index {
+        struct chunk *v;
         size_t start, n, cap;
+        /* The rows of the last chunk while it can still grow (tail_open). */
+        struct row_info *tail;
+        size_t tail_n, tail_cap;
+        bool tail_open;
+        struct detail cache[DETAIL_SLOTS];
+        unsigned cache_next;
 };
 
 struct ack_waiter {
@@ -99,6 +137,8 @@ struct hub_outbox_endpoint {
         struct hub_outbox_endpoint *next_dead;
 };
 
+struct append_batch;
+
 struct hub_outbox {
         struct hub_store *store;
         const struct hub_clock *clock;
@@ -106,7 +146,7 @@ struct hub_outbox {
         uint32_t boot;
         bool synced;
 
-        struct ring ring;
+        struct chunk_index idx;
         uint64_t head;     /* last seq whose append completed */
         uint64_t next_seq; /* next seq to assign */
         uint64_t pending_count, pending_bytes;
@@ -122,53 +162,112 @@ struct hub_outbox {
         void (*appended_fn)(void *ud, uint64_t seq);
         void *appended_ud;
 
+        struct append_batch *cur_batch;   /* accepting appends until the commit thread seals it */
+        struct append_batch *spare_batch; /* a finished one, for reuse */
+
         /* Commit thread only. */
         sqlite3_stmt *w_insert;
         /* Read connection (owner's thread). */
-        sqlite3_stmt *st_range, *st_range_dev;
+        sqlite3_stmt *st_range, *st_range_dev, *st_detail;
 };
 
 /* ---- in-memory index ---------------------------------------------------------------------- */
 
-static struct ring_entry *ring_at(const struct ring *r, size_t i) {
-        return &r->v[r->start + i];
+static int prepare_read(struct hub_outbox *o, sqlite3_stmt **st, const char *sql);
+
+static struct chunk *chunk_at(const struct chunk_index *x, size_t i) {
+        return &x->v[x->start + i];
 }
 
-static int ring_push(struct ring *r, const struct ring_entry *e) {
-        if (r->start + r->n == r->cap) {
-                if (r->start > 0 && r->start >= r->cap / 2) {
-                        memmove(r->v, r->v + r->start, r->n * sizeof *r->v);
-                        r->start = 0;
-                } else {
-                        size_t cap = r->cap ? r->cap * 2 : 1024;
-                        struct ring_entry *v = realloc(r->v, cap * sizeof *v);
-                        if (!v)
-                                return -ENOMEM;
-                        r->v = v;
-                        r->cap = cap;
-                }
+static void cache_clear(struct chunk_index *x) {
+        for (size_t i = 0; i < DETAIL_SLOTS; i++)
+                x->cache[i].first = x->cache[i].last = x->cache[i].n = 0;
+}
+
+static int row_append(struct row_info **v, size_t *n, size_t *cap, const struct row_info *r) {
+        if (*n == *cap) {
+                size_t ncap = *cap ? *cap * 2 : 64;
+                struct row_info *nv = realloc(*v, ncap * sizeof *nv);
+                if (!nv)
+                        return -ENOMEM;
+                *v = nv;
+                *cap = ncap;
         }
-        struct ring_entry x = *e;
-        x.cum_bytes = (r->n > 0 ? ring_at(r, r->n - 1)->cum_bytes : 0) + e->size;
-        r->v[r->start + r->n++] = x;
+        (*v)[(*n)++] = *r;
         return 0;
 }
 
-static void ring_pop(struct ring *r, size_t k) {
-        k = MIN(k, r->n);
-        r->start += k;
-        r->n -= k;
-        if (r->n == 0)
-                r->start = 0;
+/* Adds a stored row (in sequence order). */
+static int index_push(struct hub_outbox *o, uint64_t seq, uint64_t enq_wall, uint32_t boot, uint64_t boot_time,
+                      uint32_t flags, uint32_t size) {
+        struct chunk_index *x = &o->idx;
+        struct chunk *last = x->n > 0 ? chunk_at(x, x->n - 1) : NULL;
+        struct row_info ri = { .seq = seq, .enq_wall = enq_wall, .boot_time = boot_time, .size = size };
+
+        if (last && x->tail_open && last->boot == boot && last->flags == flags && last->count < CHUNK_ROWS) {
+                ri.cum = (x->tail_n > 0 ? x->tail[x->tail_n - 1].cum : 0) + size;
+                if (row_append(&x->tail, &x->tail_n, &x->tail_cap, &ri) < 0) {
+                        /* The chunk ends here; the row stays out of every chunk's range. */
+                        x->tail_open = false;
+                        return -ENOMEM;
+                }
+                last->last = seq;
+                last->count++;
+                last->bytes += size;
+                last->cum_count++;
+                last->cum_bytes += size;
+                last->min_bt = MIN(last->min_bt, boot_time);
+                last->max_bt = MAX(last->max_bt, boot_time);
+                last->min_wall = MIN(last->min_wall, enq_wall);
+                last->max_wall = MAX(last->max_wall, enq_wall);
+                return 0;
+        }
+
+        if (x->start + x->n == x->cap) {
+                if (x->start > 0 && x->start >= x->cap / 2) {
+                        memmove(x->v, x->v + x->start, x->n * sizeof *x->v);
+                        x->start = 0;
+                } else {
+                        size_t cap = x->cap ? x->cap * 2 : 64;
+                        struct chunk *v = realloc(x->v, cap * sizeof *v);
+                        if (!v)
+                                return -ENOMEM;
+                        x->v = v;
+                        x->cap = cap;
+                }
+                last = x->n > 0 ? chunk_at(x, x->n - 1) : NULL;
+        }
+        x->tail_n = 0;
+        ri.cum = size;
+        if (row_append(&x->tail, &x->tail_n, &x->tail_cap, &ri) < 0) {
+                x->tail_open = false; /* the last chunk's rows are gone from memory */
+                return -ENOMEM;
+        }
+        x->tail_open = true;
+        x->v[x->start + x->n++] = (struct chunk) {
+                .first = seq,
+                .last = seq,
+                .count = 1,
+                .bytes = size,
+                .cum_count = (last ? last->cum_count : 0) + 1,
+                .cum_bytes = (last ? last->cum_bytes : 0) + size,
+                .min_bt = boot_time,
+                .max_bt = boot_time,
+                .min_wall = enq_wall,
+                .max_wall = enq_wall,
+                .boot = boot,
+                .flags = flags,
+        };
+        return 0;
 }
 
-/* Index of the first entry with seq > s (r->n when none). */
-static size_t ring_after(const struct ring *r, uint64_t s) {
-        size_t lo = 0, hi = r->n;
+/* Index of the first chunk holding a row after s (x->n when none). */
+static size_t chunk_after(const struct chunk_index *x, uint64_t s) {
+        size_t lo = 0, hi = x->n;
 
         while (lo < hi) {
                 size_t mid = lo + (hi - lo) / 2;
-                if (ring_at(r, mid)->seq <= s)
+                if (chunk_at(x, mid)->last <= s)
                         lo = mid + 1;
                 else
                         hi = mid;
@@ -176,12 +275,165 @@ static size_t ring_after(const struct ring *r, uint64_t s) {
         return lo;
 }
 
-/* Bytes of entries [i, n). */
-static uint64_t ring_bytes_from(const struct ring *r, size_t i) {
-        if (i >= r->n)
+/* The rows of chunk k, in order: from memory for the last chunk while it fills, else read
+ * back from the log through the read connection (and cached). */
+static int chunk_rows(struct hub_outbox *o, size_t k, const struct row_info **ret, size_t *ret_n) {
+        struct chunk_index *x = &o->idx;
+        const struct chunk *c = chunk_at(x, k);
+        struct detail *d;
+        int r, rc;
+
+        if (k == x->n - 1 && x->tail_open) {
+                *ret = x->tail;
+                *ret_n = x->tail_n;
                 return 0;
-        const struct ring_entry *f = ring_at(r, i);
-        return ring_at(r, r->n - 1)->cum_bytes - (f->cum_bytes - f->size);
+        }
+        for (size_t i = 0; i < DETAIL_SLOTS; i++)
+                if (x->cache[i].last == c->last && x->cache[i].first == c->first && x->cache[i].last != 0) {
+                        *ret = x->cache[i].v;
+                        *ret_n = x->cache[i].n;
+                        return 0;
+                }
+
+        r = prepare_read(o, &o->st_detail,
+                         "SELECT seq, enqueued, boot_time, size FROM outbox WHERE seq >= ?1 AND seq <= ?2 ORDER BY seq");
+        if (r < 0)
+                return r;
+        d = &x->cache[x->cache_next];
+        x->cache_next = (x->cache_next + 1) % DETAIL_SLOTS;
+        d->first = d->last = d->n = 0;
+        sqlite3_bind_int64(o->st_detail, 1, (sqlite3_int64) c->first);
+        sqlite3_bind_int64(o->st_detail, 2, (sqlite3_int64) c->last);
+        while ((rc = sqlite3_step(o->st_detail)) == SQLITE_ROW) {
+                struct row_info ri = {
+                        .seq = (uint64_t) sqlite3_column_int64(o->st_detail, 0),
+                        .enq_wall = (uint64_t) sqlite3_column_int64(o->st_detail, 1),
+                        .boot_time = (uint64_t) sqlite3_column_int64(o->st_detail, 2),
+                        .size = (uint32_t) sqlite3_column_int64(o->st_detail, 3),
+                };
+                ri.cum = (d->n > 0 ? d->v[d->n - 1].cum : 0) + ri.size;
+                r = row_append(&d->v, &d->n, &d->cap, &ri);
+                if (r < 0)
+                        break;
+        }
+        sqlite3_reset(o->st_detail);
+        sqlite3_clear_bindings(o->st_detail);
+        if (r >= 0 && rc != SQLITE_DONE)
+                r = hub_store_errno(rc);
+        if (r < 0) {
+                d->n = 0;
+                hub_log_debug(o->log, "outbox: cannot read the index of messages %llu..%llu: %s",
+                              (unsigned long long) c->first, (unsigned long long) c->last, strerror(-r));
+                return r;
+        }
+        d->first = c->first;
+        d->last = c->last;
+        *ret = d->v;
+        *ret_n = d->n;
+        return 0;
+}
+
+/* Index of the first row with seq > s in rows[0, n) (n when none). */
+static size_t rows_after(const struct row_info *rows, size_t n, uint64_t s) {
+        size_t lo = 0, hi = n;
+
+        while (lo < hi) {
+                size_t mid = lo + (hi - lo) / 2;
+                if (rows[mid].seq <= s)
+                        lo = mid + 1;
+                else
+                        hi = mid;
+        }
+        return lo;
+}
+
+/* Rows and bytes of chunk k after seq s (ret_bytes NULL: only the rows, which a chunk
+ * without gaps answers by itself). When its rows cannot be read, the whole chunk (an
+ * over-estimate) and -errno. */
+static int chunk_part(struct hub_outbox *o, size_t k, uint64_t s, uint64_t *ret_count, uint64_t *ret_bytes) {
+        const struct chunk *c = chunk_at(&o->idx, k);
+        const struct row_info *rows;
+        size_t n, i;
+        int r;
+
+        *ret_count = c->count;
+        if (ret_bytes)
+                *ret_bytes = c->bytes;
+        if (s < c->first)
+                return 0;
+        if (!ret_bytes && c->count == c->last - c->first + 1) {
+                *ret_count = c->last - s;
+                return 0;
+        }
+        r = chunk_rows(o, k, &rows, &n);
+        if (r < 0)
+                return r;
+        i = rows_after(rows, n, s);
+        *ret_count = n - i;
+        if (ret_bytes)
+                *ret_bytes = i < n ? rows[n - 1].cum - (i > 0 ? rows[i - 1].cum : 0) : 0;
+        return 0;
+}
+
+/* Messages and bytes (ret_bytes may be NULL) stored after seq s. */
+static void index_backlog(struct hub_outbox *o, uint64_t s, uint64_t *ret_count, uint64_t *ret_bytes) {
+        struct chunk_index *x = &o->idx;
+        size_t k = chunk_after(x, s);
+        uint64_t pc, pb;
+
+        if (k == x->n) {
+                *ret_count = 0;
+                if (ret_bytes)
+                        *ret_bytes = 0;
+                return;
+        }
+        const struct chunk *c = chunk_at(x, k), *l = chunk_at(x, x->n - 1);
+        (void) chunk_part(o, k, s, &pc, ret_bytes ? &pb : NULL);
+        *ret_count = l->cum_count - c->cum_count + pc;
+        if (ret_bytes)
+                *ret_bytes = l->cum_bytes - c->cum_bytes + pb;
+}
+
+static uint64_t index_count(const struct chunk_index *x) {
+        return x->n ? chunk_at(x, x->n - 1)->cum_count - (chunk_at(x, 0)->cum_count - chunk_at(x, 0)->count) : 0;
+}
+
+static uint64_t index_bytes(const struct chunk_index *x) {
+        return x->n ? chunk_at(x, x->n - 1)->cum_bytes - (chunk_at(x, 0)->cum_bytes - chunk_at(x, 0)->bytes) : 0;
+}
+
+/* Forgets the rows up to seq upto (deleted by the collection). The chunk holding upto
+ * keeps le_count rows and le_bytes bytes fewer: what it held up to upto when the delete
+ * was chosen (it may have grown since, as the last chunk). */
+static void index_trim(struct hub_outbox *o, uint64_t upto, uint64_t last_first, uint64_t le_count, uint64_t le_bytes) {
+        struct chunk_index *x = &o->idx;
+
+        while (x->n > 0) {
+                struct chunk *c = chunk_at(x, 0);
+                if (c->first == last_first && c->last > upto) {
+                        c->count -= MIN(le_count, c->count);
+                        c->bytes -= MIN(le_bytes, c->bytes);
+                        c->first = upto + 1;
+                        if (x->n == 1 && x->tail_open) {
+                                size_t i = rows_after(x->tail, x->tail_n, upto);
+                                memmove(x->tail, x->tail + i, (x->tail_n - i) * sizeof *x->tail);
+                                x->tail_n -= i;
+                        }
+                        break;
+                }
+                if (c->last > upto)
+                        break;
+                x->start++;
+                x->n--;
+                if (x->n == 0) {
+                        x->start = 0;
+                        x->tail_open = false;
+                        x->tail_n = 0;
+                }
+                if (c->first == last_first)
+                        break;
+        }
+        cache_clear(x);
 }
 
 /* ---- the time rule ---------------------------------------------------------------------- */
@@ -219,27 +471,28 @@ struct cursor_write {
         uint64_t cursor, drops, expiries, delivered;
 };
 
+static const char CURSOR_WRITE_SQL[] =
+        "INSERT INTO outbox_endpoints (name, cursor, drops, expiries, delivered) "
+        "VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (name) DO UPDATE SET "
+        "cursor = MAX(cursor, excluded.cursor), drops = excluded.drops, "
+        "expiries = excluded.expiries, delivered = excluded.delivered";
+
 static int cursor_write_fn(struct hub_store_txn *txn, void *ud) {
         struct cursor_write *w = ud;
-        sqlite3 *db = hub_store_txn_db(txn);
         sqlite3_stmt *st = NULL;
-        int rc;
+        int r, rc;
 
-        rc = sqlite3_prepare_v2(db,
-                                "INSERT INTO outbox_endpoints (name, cursor, drops, expiries, delivered) "
-                                "VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (name) DO UPDATE SET "
-                                "cursor = MAX(cursor, excluded.cursor), drops = excluded.drops, "
-                                "expiries = excluded.expiries, delivered = excluded.delivered",
-                                -1, &st, NULL);
-        if (rc == SQLITE_OK) {
-                sqlite3_bind_text(st, 1, w->name, -1, SQLITE_STATIC);
-                sqlite3_bind_int64(st, 2, (sqlite3_int64) w->cursor);
-                sqlite3_bind_int64(st, 3, (sqlite3_int64) w->drops);
-                sqlite3_bind_int64(st, 4, (sqlite3_int64) w->expiries);
-                sqlite3_bind_int64(st, 5, (sqlite3_int64) w->delivered);
-                rc = sqlite3_step(st);
-        }
-        sqlite3_finalize(st);
+        r = hub_store_txn_prepare(txn, CURSOR_WRITE_SQL, &st);
+        if (r < 0)
+                return r;
+        sqlite3_bind_text(st, 1, w->name, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 2, (sqlite3_int64) w->cursor);
+        sqlite3_bind_int64(st, 3, (sqlite3_int64) w->drops);
+        sqlite3_bind_int64(st, 4, (sqlite3_int64) w->expiries);
+        sqlite3_bind_int64(st, 5, (sqlite3_int64) w->delivered);
+        rc = sqlite3_step(st);
+        sqlite3_reset(st);
+        sqlite3_clear_bindings(st);
         return rc == SQLITE_DONE ? 0 : hub_store_errno(rc);
 }
 
@@ -302,7 +555,7 @@ static int persist(struct hub_outbox_endpoint *ep) {
         w->drops = ep->drops;
         w->expiries = ep->expiries;
         w->delivered = ep->delivered;
-        r = hub_store_submit(o->store, cursor_write_fn, cursor_write_done, w);
+        r = hub_store_submit_flags(o->store, cursor_write_fn, cursor_write_done, w, HUB_STORE_WRITE_SINGLE);
         if (r < 0) {
                 free(w);
                 ep->dirty = true;
@@ -325,17 +578,42 @@ static void now_times(const struct hub_outbox *o, uint64_t *ret_wall, uint64_t *
 /* Moves the cursor past expired messages at the front of the backlog. */
 static bool ep_expire_front(struct hub_outbox *o, struct hub_outbox_endpoint *ep, uint64_t now_wall,
                             uint64_t now_mono) {
+        struct chunk_index *x = &o->idx;
         bool moved = false;
 
         if (ep->opts.ttl_usec == 0)
                 return false;
-        for (size_t i = ring_after(&o->ring, ep->cursor); i < o->ring.n; i++) {
-                const struct ring_entry *e = ring_at(&o->ring, i);
-                if (!expired(o, ep, e->enq_wall, e->boot, e->boot_time, e->flags, now_wall, now_mono))
+        for (;;) {
+                size_t k = chunk_after(x, ep->cursor);
+                const struct row_info *rows;
+                uint64_t pc;
+                size_t n;
+
+                if (k == x->n)
                         break;
-                ep->cursor = e->seq;
-                ep->expiries++;
-                moved = true;
+                const struct chunk *c = chunk_at(x, k);
+                /* Its youngest expired: all of it did (ages only grow with age order). */
+                if (expired(o, ep, c->max_wall, c->boot, c->max_bt, c->flags, now_wall, now_mono)) {
+                        if (chunk_part(o, k, ep->cursor, &pc, NULL) < 0)
+                                break;
+                        ep->expiries += pc;
+                        ep->cursor = c->last;
+                        moved = true;
+                        continue;
+                }
+                /* Not even its oldest (a bound): the front message is not expired. */
+                if (!expired(o, ep, c->min_wall, c->boot, c->min_bt, c->flags, now_wall, now_mono))
+                        break;
+                if (chunk_rows(o, k, &rows, &n) < 0)
+                        break;
+                for (size_t i = rows_after(rows, n, ep->cursor); i < n; i++) {
+                        if (!expired(o, ep, rows[i].enq_wall, c->boot, rows[i].boot_time, c->flags, now_wall, now_mono))
+                                break;
+                        ep->cursor = rows[i].seq;
+                        ep->expiries++;
+                        moved = true;
+                }
+                break;
         }
         return moved;
 }
@@ -344,54 +622,127 @@ static bool has_capacity_bound(const struct hub_outbox_endpoint *ep) {
         return ep->opts.max_count > 0 || ep->opts.max_bytes > 0;
 }
 
+static bool over_capacity(const struct hub_outbox_endpoint *ep, uint64_t count, uint64_t bytes) {
+        return (ep->opts.max_count > 0 && count > ep->opts.max_count) ||
+               (ep->opts.max_bytes > 0 && bytes > ep->opts.max_bytes);
+}
+
 /* drop-oldest: moves the cursor past the oldest messages while over capacity. */
 static bool ep_enforce_capacity(struct hub_outbox *o, struct hub_outbox_endpoint *ep) {
+        struct chunk_index *x = &o->idx;
+        uint64_t count, bytes;
         bool moved = false;
 
         if (ep->opts.overflow != HUB_OUTBOX_DROP_OLDEST || !has_capacity_bound(ep))
                 return false;
-        size_t i = ring_after(&o->ring, ep->cursor);
-        uint64_t count = o->ring.n - i, bytes = ring_bytes_from(&o->ring, i);
-        while (i < o->ring.n && ((ep->opts.max_count > 0 && count > ep->opts.max_count) ||
-                                 (ep->opts.max_bytes > 0 && bytes > ep->opts.max_bytes))) {
-                const struct ring_entry *e = ring_at(&o->ring, i);
-                count--;
-                bytes -= e->size;
-                ep->cursor = e->seq;
-                ep->drops++;
-                moved = true;
-                i++;
+        /* Without a byte bound, counts alone (no row reads for chunks without gaps). */
+        bool by_bytes = ep->opts.max_bytes > 0;
+        bytes = 0;
+        index_backlog(o, ep->cursor, &count, by_bytes ? &bytes : NULL);
+        while (over_capacity(ep, count, bytes)) {
+                size_t k = chunk_after(x, ep->cursor);
+                const struct row_info *rows;
+                uint64_t pc, pb;
+                size_t n;
+
+                if (k == x->n)
+                        break;
+                const struct chunk *c = chunk_at(x, k);
+                pb = 0;
+                if (chunk_part(o, k, ep->cursor, &pc, by_bytes ? &pb : NULL) < 0)
+                        break;
+                if (over_capacity(ep, count - MIN(pc, count), bytes - MIN(pb, bytes))) {
+                        /* Still over without all of them: each of them goes. */
+                        ep->drops += pc;
+                        ep->cursor = c->last;
+                        count -= MIN(pc, count);
+                        bytes -= MIN(pb, bytes);
+                        moved = true;
+                        continue;
+                }
+                if (!by_bytes && c->count == c->last - c->first + 1) {
+                        /* Counts only, no gaps: the cut is where the excess ends. */
+                        uint64_t excess = count - ep->opts.max_count;
+                        ep->cursor = MAX(ep->cursor, c->first - 1) + excess;
+                        ep->drops += excess;
+                        moved = true;
+                        break;
+                }
+                if (chunk_rows(o, k, &rows, &n) < 0)
+                        break;
+                for (size_t i = rows_after(rows, n, ep->cursor); i < n && over_capacity(ep, count, bytes); i++) {
+                        ep->cursor = rows[i].seq;
+                        ep->drops++;
+                        count--;
+                        bytes -= MIN((uint64_t) rows[i].size, bytes);
+                        moved = true;
+                }
+                break;
         }
         return moved;
 }
 
 /* ---- appends ------------------------------------------------------------------------------ */
 
-struct append_rec {
-        struct hub_outbox *o;
+/* Appends queued while the commit thread is busy travel as one store write (an append
+ * batch): one record, one submission, one completion for all of them, still one INSERT and
+ * one completion callback per message. The first append of a batch submits it; later ones
+ * join it until the commit thread starts running it (it "seals" the batch under the batch's
+ * mutex, the only state both threads touch), then the next append starts a new batch. The
+ * rows keep their order: seqs are assigned in append order and batches run in submission
+ * order. A finished batch is kept for reuse (its arrays keep their capacity). */
+
+struct append_row {
         uint64_t seq, enq_wall, boot_time;
+        uint8_t *blob; /* from hub_msg_serialize() */
+        uint32_t blob_len;
         uint32_t flags;
-        char *device_id, *module_id;
-        uint8_t *blob;
-        size_t blob_len;
+        uint32_t dev_off, mod_off; /* into ids; mod_off = UINT32_MAX: no module */
+        int result;                /* set on the commit thread */
         hub_outbox_append_done_fn done;
         void *ud;
 };
 
-static void append_rec_free(struct append_rec *a) {
-        if (!a)
-                return;
-        free(a->device_id);
-        free(a->module_id);
-        free(a->blob);
-        free(a);
+struct append_batch {
+        struct hub_outbox *o;
+        pthread_mutex_t mu;
+        bool sealed; /* under mu */
+        struct append_row *rows;
+        size_t n, cap;
+        char *ids; /* NUL-terminated device and module ids of the rows */
+        size_t ids_len, ids_cap;
+};
+
+static void append_batch_reset(struct append_batch *b) {
+        for (size_t i = 0; i < b->n; i++)
+                free(b->rows[i].blob);
+        b->n = 0;
+        b->ids_len = 0;
+        b->sealed = false;
 }
 
-static int append_write_fn(struct hub_store_txn *txn, void *ud) {
-        struct append_rec *a = ud;
-        struct hub_outbox *o = a->o;
+static struct append_batch *append_batch_free(struct append_batch *b) {
+        if (!b)
+                return NULL;
+        append_batch_reset(b);
+        pthread_mutex_destroy(&b->mu);
+        free(b->rows);
+        free(b->ids);
+        free(b);
+        return NULL;
+}
+
+static int append_batch_write_fn(struct hub_store_txn *txn, void *ud) {
+        struct append_batch *b = ud;
+        struct hub_outbox *o = b->o;
         sqlite3 *db = hub_store_txn_db(txn);
+        size_t n;
         int rc;
+
+        pthread_mutex_lock(&b->mu);
+        b->sealed = true; /* from now on the loop starts a new batch */
+        n = b->n;
+        pthread_mutex_unlock(&b->mu);
 
         /* The statement lives on the writer connection: prepared and used on the commit
          * thread only (and finalized there by hub_outbox_free()). */
@@ -406,67 +757,194 @@ static int append_write_fn(struct hub_store_txn *txn, void *ud) {
                 }
         }
         sqlite3_stmt *st = o->w_insert;
-        sqlite3_bind_int64(st, 1, (sqlite3_int64) a->seq);
-        sqlite3_bind_text(st, 2, a->device_id, -1, SQLITE_STATIC);
-        if (a->module_id)
-                sqlite3_bind_text(st, 3, a->module_id, -1, SQLITE_STATIC);
-        else
-                sqlite3_bind_null(st, 3);
-        sqlite3_bind_int64(st, 4, (sqlite3_int64) a->enq_wall);
-        sqlite3_bind_int64(st, 5, (sqlite3_int64) o->boot);
-        sqlite3_bind_int64(st, 6, (sqlite3_int64) a->boot_time);
-        sqlite3_bind_int64(st, 7, a->flags);
-        sqlite3_bind_int64(st, 8, (sqlite3_int64) a->blob_len);
-        sqlite3_bind_blob(st, 9, a->blob, (int) a->blob_len, SQLITE_STATIC);
-        rc = sqlite3_step(st);
-        sqlite3_reset(st);
+        /* Each INSERT is one statement: SQLite undoes a failing one by itself, the others
+         * stay (HUB_STORE_WRITE_SINGLE); each row reports its own result. */
+        for (size_t i = 0; i < n; i++) {
+                struct append_row *a = &b->rows[i];
+
+                sqlite3_bind_int64(st, 1, (sqlite3_int64) a->seq);
+                sqlite3_bind_text(st, 2, b->ids + a->dev_off, -1, SQLITE_STATIC);
+                if (a->mod_off != UINT32_MAX)
+                        sqlite3_bind_text(st, 3, b->ids + a->mod_off, -1, SQLITE_STATIC);
+                else
+                        sqlite3_bind_null(st, 3);
+                sqlite3_bind_int64(st, 4, (sqlite3_int64) a->enq_wall);
+                sqlite3_bind_int64(st, 5, (sqlite3_int64) o->boot);
+                sqlite3_bind_int64(st, 6, (sqlite3_int64) a->boot_time);
+                sqlite3_bind_int64(st, 7, a->flags);
+                sqlite3_bind_int64(st, 8, (sqlite3_int64) a->blob_len);
+                sqlite3_bind_blob(st, 9, a->blob, (int) a->blob_len, SQLITE_STATIC);
+                rc = sqlite3_step(st);
+                sqlite3_reset(st);
+                a->result = rc == SQLITE_DONE ? 0 : hub_store_errno(rc);
+                if (a->result < 0 && sqlite3_get_autocommit(db)) {
+                        /* SQLite lost the transaction: nothing of the group is left, and
+                         * the rest must not run outside it. The store fails them all. */
+                        sqlite3_clear_bindings(st);
+                        return a->result;
+                }
+        }
         sqlite3_clear_bindings(st);
-        return rc == SQLITE_DONE ? 0 : hub_store_errno(rc);
+        return 0;
 }
 
-static void append_done(int r, void *ud) {
-        struct append_rec *a = ud;
-        struct hub_outbox *o = a->o;
+/* Drop-oldest moved a cursor: when a collection's worth of rows (GC_BATCH / 2) waits
+ * below every cursor, collect now rather than at the caller's next call, or a fast ingest
+ * into a capacity-bound endpoint would fill a disk budget between two calls. */
+static void gc_kick(struct hub_outbox *o) {
+        uint64_t frontier = o->head, after = 0;
+
+        if (o->gc_running)
+                return;
+        for (size_t i = 0; i < o->n_eps; i++) {
+                const struct hub_outbox_endpoint *ep = o->eps[i];
+                frontier = MIN(frontier, ep->writing ? MAX(ep->durable_cursor, ep->queued_cursor) : ep->durable_cursor);
+        }
+        index_backlog(o, frontier, &after, NULL);
+        if (index_count(&o->idx) - MIN(after, index_count(&o->idx)) >= GC_BATCH / 2)
+                (void) hub_outbox_gc(o, NULL, NULL);
+}
+
+static void append_batch_done(int r, void *ud) {
+        struct append_batch *b = ud;
+        struct hub_outbox *o = b->o;
+        bool any = false, dropped = false;
 
         o->n_pending--;
-        o->pending_count--;
-        o->pending_bytes -= a->blob_len;
+        if (o->cur_batch == b)
+                o->cur_batch = NULL;
 
-        if (r >= 0) {
-                struct ring_entry e = {
-                        .seq = a->seq,
-                        .enq_wall = a->enq_wall,
-                        .boot_time = a->boot_time,
-                        .boot = o->boot,
-                        .size = (uint32_t) a->blob_len,
-                        .flags = a->flags,
-                };
+        /* Index every stored row first, then apply capacities once, then the completions
+         * in order (capacity drops are the same as one row at a time: the oldest go). */
+        for (size_t i = 0; i < b->n; i++) {
+                struct append_row *a = &b->rows[i];
+                int res = r < 0 ? r : a->result;
+
+                o->pending_count--;
+                o->pending_bytes -= a->blob_len;
+                if (res < 0)
+                        continue;
                 /* The row is durable whatever happens here: on -ENOMEM only the in-memory
                  * index misses it (its accounting is low by one) until the next start. */
-                if (ring_push(&o->ring, &e) < 0)
+                if (index_push(o, a->seq, a->enq_wall, o->boot, a->boot_time, a->flags, a->blob_len) < 0)
                         hub_log_debug(o->log, "outbox: out of memory indexing message %llu",
                                       (unsigned long long) a->seq);
                 o->head = MAX(o->head, a->seq);
                 o->appended++;
-                for (size_t i = 0; i < o->n_eps; i++)
-                        if (ep_enforce_capacity(o, o->eps[i]))
-                                (void) persist(o->eps[i]);
-                if (o->appended_fn)
-                        o->appended_fn(o->appended_ud, a->seq);
-                if (a->done)
-                        a->done(0, a->seq, a->ud);
-        } else {
-                o->append_failures++;
-                hub_log_debug(o->log, "outbox: append of message %llu from %s failed: %s",
-                              (unsigned long long) a->seq, a->device_id, strerror(-r));
-                if (a->done)
-                        a->done(r, 0, a->ud);
+                any = true;
         }
-        append_rec_free(a);
+        if (any)
+                for (size_t i = 0; i < o->n_eps; i++)
+                        if (ep_enforce_capacity(o, o->eps[i])) {
+                                (void) persist(o->eps[i]);
+                                dropped = true;
+                        }
+        for (size_t i = 0; i < b->n; i++) {
+                struct append_row *a = &b->rows[i];
+                int res = r < 0 ? r : a->result;
+
+                if (res >= 0) {
+                        if (o->appended_fn)
+                                o->appended_fn(o->appended_ud, a->seq);
+                        if (a->done)
+                                a->done(0, a->seq, a->ud);
+                } else {
+                        o->append_failures++;
+                        hub_log_debug(o->log, "outbox: append of message %llu from %s failed: %s",
+                                      (unsigned long long) a->seq, b->ids + a->dev_off, strerror(-res));
+                        if (a->done)
+                                a->done(res, 0, a->ud);
+                }
+        }
+        append_batch_reset(b);
+        if (!o->spare_batch)
+                o->spare_batch = b;
+        else
+                append_batch_free(b);
+        if (dropped)
+                gc_kick(o);
+}
+
+static struct append_batch *append_batch_new(struct hub_outbox *o) {
+        struct append_batch *b = o->spare_batch;
+
+        if (b) {
+                o->spare_batch = NULL;
+                return b;
+        }
+        b = calloc(1, sizeof *b);
+        if (!b)
+                return NULL;
+        if (pthread_mutex_init(&b->mu, NULL) != 0) {
+                free(b);
+                return NULL;
+        }
+        b->o = o;
+        return b;
+}
+
+static int ids_add(struct append_batch *b, const char *id, uint32_t *ret_off) {
+        size_t len = strlen(id) + 1;
+
+        if (b->ids_len + len > b->ids_cap) {
+                size_t cap = MAX(b->ids_cap * 2, MAX(b->ids_len + len, (size_t) 4096));
+                char *v = realloc(b->ids, cap);
+                if (!v)
+                        return -ENOMEM;
+                b->ids = v;
+                b->ids_cap = cap;
+        }
+        if (b->ids_len + len > UINT32_MAX - 1)
+                return -E2BIG;
+        memcpy(b->ids + b->ids_len, id, len);
+        *ret_off = (uint32_t) b->ids_len;
+        b->ids_len += len;
+        return 0;
+}
+
+/* Adds a row to b unless the commit thread has sealed it. Returns 1 when added, 0 when
+ * sealed, -ENOMEM. */
+static int append_batch_add(struct append_batch *b, const struct append_row *row, const char *dev, const char *mod) {
+        size_t n0, ids0;
+        int r = 1;
+
+        pthread_mutex_lock(&b->mu);
+        if (b->sealed) {
+                pthread_mutex_unlock(&b->mu);
+                return 0;
+        }
+        n0 = b->n;
+        ids0 = b->ids_len;
+        if (b->n == b->cap) {
+                size_t cap = b->cap ? b->cap * 2 : 64;
+                struct append_row *v = realloc(b->rows, cap * sizeof *v);
+                if (!v)
+                        r = -ENOMEM;
+                else {
+                        b->rows = v;
+                        b->cap = cap;
+                }
+        }
+        if (r > 0) {
+                struct append_row x = *row;
+                x.mod_off = UINT32_MAX;
+                r = ids_add(b, dev, &x.dev_off);
+                if (r >= 0 && mod)
+                        r = ids_add(b, mod, &x.mod_off);
+                if (r >= 0) {
+                        b->rows[b->n++] = x;
+                        r = 1;
+                }
+        }
+        if (r < 0) {
+                b->n = n0;
+                b->ids_len = ids0;
+        }
+        pthread_mutex_unlock(&b->mu);
+        return r;
 }
 
 int hub_outbox_append(struct hub_outbox *o, struct hub_msg *m, hub_outbox_append_done_fn done, void *ud) {
-        struct append_rec *a = NULL;
         const char *dev, *mod;
         uint8_t *blob = NULL;
         size_t len = 0;
@@ -492,9 +970,10 @@ int hub_outbox_append(struct hub_outbox *o, struct hub_msg *m, hub_outbox_append
                 struct hub_outbox_endpoint *ep = o->eps[i];
                 if (ep->opts.overflow != HUB_OUTBOX_REJECT_NEW || !has_capacity_bound(ep))
                         continue;
-                size_t j = ring_after(&o->ring, ep->cursor);
-                uint64_t count = o->ring.n - j + o->pending_count + 1;
-                uint64_t bytes = ring_bytes_from(&o->ring, j) + o->pending_bytes + len;
+                uint64_t count = 0, bytes = 0;
+                index_backlog(o, ep->cursor, &count, ep->opts.max_bytes ? &bytes : NULL);
+                count += o->pending_count + 1;
+                bytes += o->pending_bytes + len;
                 if ((ep->opts.max_count > 0 && count > ep->opts.max_count) ||
                     (ep->opts.max_bytes > 0 && bytes > ep->opts.max_bytes)) {
                         ep->rejected++;
@@ -503,33 +982,47 @@ int hub_outbox_append(struct hub_outbox *o, struct hub_msg *m, hub_outbox_append
                 }
         }
 
-        a = calloc(1, sizeof *a);
-        if (!a) {
-                free(blob);
-                return -ENOMEM;
-        }
-        a->o = o;
-        a->blob = blob;
-        a->blob_len = len;
-        a->device_id = strdup(dev);
-        a->module_id = mod ? strdup(mod) : NULL;
-        if (!a->device_id || (mod && !a->module_id)) {
-                append_rec_free(a);
-                return -ENOMEM;
-        }
-        now_times(o, &a->enq_wall, &a->boot_time);
-        a->flags = o->synced ? ENTRY_SYNCED : 0;
-        a->done = done;
-        a->ud = ud;
-        a->seq = o->next_seq;
+        struct append_row row = {
+                .seq = o->next_seq,
+                .blob = blob,
+                .blob_len = (uint32_t) len,
+                .flags = o->synced ? ENTRY_SYNCED : 0,
+                .done = done,
+                .ud = ud,
+        };
+        now_times(o, &row.enq_wall, &row.boot_time);
 
-        r = hub_store_submit(o->store, append_write_fn, append_done, a);
-        if (r < 0) {
-                append_rec_free(a);
+        r = o->cur_batch ? append_batch_add(o->cur_batch, &row, dev, mod) : 0;
+        if (r == 0) {
+                /* No open batch (or the commit thread took it): start and submit one. */
+                struct append_batch *b = append_batch_new(o);
+                if (!b) {
+                        free(blob);
+                        return -ENOMEM;
+                }
+                r = append_batch_add(b, &row, dev, mod);
+                if (r > 0) {
+                        r = hub_store_submit_flags(o->store, append_batch_write_fn, append_batch_done, b,
+                                                   HUB_STORE_WRITE_SINGLE);
+                        if (r < 0)
+                                b->n = 0; /* the blob goes back to the caller's error path */
+                }
+                if (r < 0) {
+                        append_batch_reset(b);
+                        if (!o->spare_batch)
+                                o->spare_batch = b;
+                        else
+                                append_batch_free(b);
+                        free(blob);
+                        return r;
+                }
+                o->cur_batch = b;
+                o->n_pending++;
+        } else if (r < 0) {
+                free(blob);
                 return r;
         }
         o->next_seq++;
-        o->n_pending++;
         o->pending_count++;
         o->pending_bytes += len;
         return 0;
@@ -552,8 +1045,10 @@ int hub_outbox_ack(struct hub_outbox *o, struct hub_outbox_endpoint *ep, uint64_
                 return 0;
 
         if (seq > ep->cursor) {
-                size_t i = ring_after(&o->ring, ep->cursor), j = ring_after(&o->ring, seq);
-                ep->delivered += j - i;
+                uint64_t ci, cj;
+                index_backlog(o, ep->cursor, &ci, NULL);
+                index_backlog(o, seq, &cj, NULL);
+                ep->delivered += ci - MIN(cj, ci);
                 ep->cursor = seq;
         }
 
@@ -763,23 +1258,27 @@ int hub_events_read(struct hub_outbox *o, uint64_t after_seq, size_t max, const 
 struct gc_job {
         struct hub_outbox *o;
         uint64_t upto;
+        uint64_t last_first, le_count, le_bytes; /* for index_trim() */
+        uint64_t rows;                           /* rows it deletes */
         uint64_t n_deleted; /* set on the commit thread */
         void (*done)(int result, uint64_t n_deleted, void *ud);
         void *ud;
 };
 
+static const char GC_DELETE_SQL[] = "DELETE FROM outbox WHERE seq <= ?1";
+
 static int gc_write_fn(struct hub_store_txn *txn, void *ud) {
         struct gc_job *g = ud;
         sqlite3 *db = hub_store_txn_db(txn);
         sqlite3_stmt *st = NULL;
-        int rc;
+        int r, rc;
 
-        rc = sqlite3_prepare_v2(db, "DELETE FROM outbox WHERE seq <= ?1", -1, &st, NULL);
-        if (rc == SQLITE_OK) {
-                sqlite3_bind_int64(st, 1, (sqlite3_int64) g->upto);
-                rc = sqlite3_step(st);
-        }
-        sqlite3_finalize(st);
+        r = hub_store_txn_prepare(txn, GC_DELETE_SQL, &st);
+        if (r < 0)
+                return r;
+        sqlite3_bind_int64(st, 1, (sqlite3_int64) g->upto);
+        rc = sqlite3_step(st);
+        sqlite3_reset(st);
         if (rc != SQLITE_DONE)
                 return hub_store_errno(rc);
         g->n_deleted = (uint64_t) sqlite3_changes(db);
@@ -793,12 +1292,18 @@ static void gc_done(int r, void *ud) {
         o->n_pending--;
         o->gc_running = false;
         if (r >= 0) {
-                ring_pop(&o->ring, ring_after(&o->ring, g->upto));
+                index_trim(o, g->upto, g->last_first, g->le_count, g->le_bytes);
                 o->deleted += g->n_deleted;
         }
         if (g->done)
                 g->done(r, r >= 0 ? g->n_deleted : 0, g->ud);
+        /* A full batch: more may wait below the frontier. Go on at once rather than at the
+         * caller's next call (a second later), or an ingest faster than GC_BATCH messages a
+         * second would outgrow a disk budget although every endpoint moved on. */
+        bool more = r >= 0 && g->rows >= GC_BATCH;
         free(g);
+        if (more)
+                (void) hub_outbox_gc(o, NULL, NULL);
 }
 
 int hub_outbox_gc(struct hub_outbox *o, void (*done)(int result, uint64_t n_deleted, void *ud), void *ud) {
@@ -822,15 +1327,47 @@ int hub_outbox_gc(struct hub_outbox *o, void (*done)(int result, uint64_t n_dele
         if (o->gc_running)
                 return 0;
 
-        size_t k = MIN(ring_after(&o->ring, frontier), (size_t) GC_BATCH);
-        if (k == 0)
-                return 0;
+        /* Whole chunks up to the frontier, then the part of the next one, at most GC_BATCH
+         * rows in all. */
+        struct gc_job job = { .o = o, .done = done, .ud = ud };
+        uint64_t rows = 0;
+        for (size_t k = 0; k < o->idx.n && rows < GC_BATCH; k++) {
+                const struct chunk *c = chunk_at(&o->idx, k);
+                const struct row_info *rv;
+                size_t n;
 
-        g = calloc(1, sizeof *g);
+                if (c->first > frontier)
+                        break;
+                if (c->last <= frontier && rows + c->count <= GC_BATCH) {
+                        rows += c->count;
+                        job.upto = c->last;
+                        job.last_first = c->first;
+                        job.le_count = c->count;
+                        job.le_bytes = c->bytes;
+                        continue;
+                }
+                r = chunk_rows(o, k, &rv, &n);
+                if (r < 0)
+                        break;
+                size_t take = MIN(rows_after(rv, n, frontier), (size_t) (GC_BATCH - rows));
+                if (take > 0) {
+                        rows += take;
+                        job.upto = rv[take - 1].seq;
+                        job.last_first = c->first;
+                        job.le_count = take;
+                        job.le_bytes = rv[take - 1].cum;
+                }
+                break;
+        }
+        if (rows == 0)
+                return 0;
+        job.rows = rows;
+
+        g = malloc(sizeof *g);
         if (!g)
                 return -ENOMEM;
-        *g = (struct gc_job) { .o = o, .upto = ring_at(&o->ring, k - 1)->seq, .done = done, .ud = ud };
-        r = hub_store_submit(o->store, gc_write_fn, gc_done, g);
+        *g = job;
+        r = hub_store_submit_flags(o->store, gc_write_fn, gc_done, g, HUB_STORE_WRITE_SINGLE);
         if (r < 0) {
                 free(g);
                 return r;
@@ -1005,20 +1542,26 @@ void hub_outbox_endpoint_get_stats(struct hub_outbox_endpoint *ep, struct hub_ou
         if (!ep || !ret)
                 return;
         struct hub_outbox *o = ep->o;
-        size_t i = ring_after(&o->ring, ep->cursor);
-        uint64_t now_wall, now_mono, age = 0;
+        size_t k = chunk_after(&o->idx, ep->cursor);
+        uint64_t now_wall, now_mono, age = 0, count = 0, bytes = 0;
+        const struct row_info *rows;
+        size_t n;
 
         now_times(o, &now_wall, &now_mono);
-        if (i < o->ring.n) {
-                const struct ring_entry *e = ring_at(&o->ring, i);
-                if (!message_age(o, e->enq_wall, e->boot, e->boot_time, e->flags, now_wall, now_mono, &age))
+        if (!ep->deleted && k < o->idx.n && chunk_rows(o, k, &rows, &n) >= 0) {
+                const struct chunk *c = chunk_at(&o->idx, k);
+                size_t i = rows_after(rows, n, ep->cursor);
+                if (i < n && !message_age(o, rows[i].enq_wall, c->boot, rows[i].boot_time, c->flags, now_wall, now_mono,
+                                          &age))
                         age = 0;
         }
+        if (!ep->deleted)
+                index_backlog(o, ep->cursor, &count, &bytes);
         *ret = (struct hub_outbox_endpoint_stats) {
                 .cursor = ep->cursor,
                 .head = o->head,
-                .backlog_count = ep->deleted ? 0 : o->ring.n - i,
-                .backlog_bytes = ep->deleted ? 0 : ring_bytes_from(&o->ring, i),
+                .backlog_count = count,
+                .backlog_bytes = bytes,
                 .oldest_age_usec = ep->deleted ? 0 : age,
                 .drops = ep->drops,
                 .expiries = ep->expiries,
@@ -1032,8 +1575,8 @@ void hub_outbox_get_stats(struct hub_outbox *o, struct hub_outbox_stats *ret) {
                 return;
         *ret = (struct hub_outbox_stats) {
                 .head = o->head,
-                .stored_count = o->ring.n,
-                .stored_bytes = ring_bytes_from(&o->ring, 0),
+                .stored_count = index_count(&o->idx),
+                .stored_bytes = index_bytes(&o->idx),
                 .pending = o->pending_count,
                 .appended = o->appended,
                 .append_failures = o->append_failures,
@@ -1125,19 +1668,14 @@ static int load(struct hub_outbox *o, const char *boot_id) {
         rc = sqlite3_prepare_v2(db, "SELECT seq, enqueued, boot, boot_time, flags, size FROM outbox ORDER BY seq", -1,
                                 &st, NULL);
         while (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
-                struct ring_entry e = {
-                        .seq = (uint64_t) sqlite3_column_int64(st, 0),
-                        .enq_wall = (uint64_t) sqlite3_column_int64(st, 1),
-                        .boot = (uint32_t) sqlite3_column_int64(st, 2),
-                        .boot_time = (uint64_t) sqlite3_column_int64(st, 3),
-                        .flags = (uint32_t) sqlite3_column_int64(st, 4),
-                        .size = (uint32_t) sqlite3_column_int64(st, 5),
-                };
+                uint64_t seq = (uint64_t) sqlite3_column_int64(st, 0);
                 rc = SQLITE_OK;
-                r = ring_push(&o->ring, &e);
+                r = index_push(o, seq, (uint64_t) sqlite3_column_int64(st, 1), (uint32_t) sqlite3_column_int64(st, 2),
+                               (uint64_t) sqlite3_column_int64(st, 3), (uint32_t) sqlite3_column_int64(st, 4),
+                               (uint32_t) sqlite3_column_int64(st, 5));
                 if (r < 0)
                         break;
-                high = MAX(high, e.seq);
+                high = MAX(high, seq);
         }
         sqlite3_finalize(st);
         if (r < 0)
@@ -1174,7 +1712,8 @@ int hub_outbox_new(const struct hub_outbox_options *opts, struct hub_outbox **re
                 return r;
         }
         ep_configure(o->events, &opts->events);
-        hub_log_debug(o->log, "outbox: %zu messages stored, head %llu, %zu endpoints", o->ring.n,
+        hub_log_debug(o->log, "outbox: %llu messages stored, head %llu, %zu endpoints",
+                      (unsigned long long) index_count(&o->idx),
                       (unsigned long long) o->head, o->n_eps);
         *ret = o;
         return 0;
@@ -1206,6 +1745,7 @@ struct hub_outbox *hub_outbox_free(struct hub_outbox *o) {
                 (void) hub_store_submit_wait(o->store, finalize_fn, o);
         sqlite3_finalize(o->st_range);
         sqlite3_finalize(o->st_range_dev);
+        sqlite3_finalize(o->st_detail);
         for (size_t i = 0; i < o->n_eps; i++)
                 endpoint_free(o->eps[i]);
         free(o->eps);
@@ -1214,7 +1754,12 @@ struct hub_outbox *hub_outbox_free(struct hub_outbox *o) {
                 o->dead = ep->next_dead;
                 endpoint_free(ep);
         }
-        free(o->ring.v);
+        free(o->idx.v);
+        free(o->idx.tail);
+        for (size_t i = 0; i < DETAIL_SLOTS; i++)
+                free(o->idx.cache[i].v);
+        append_batch_free(o->cur_batch);
+        append_batch_free(o->spare_batch);
         free(o);
         return NULL;
 }

@@ -64,6 +64,11 @@ const struct hub_store_migration hub_store_migrations[] = {
                 .what = "outbox, endpoint cursors and the events stream",
                 .sql = hub_outbox_schema_sql, /* outbox.c */
         },
+        {
+                .version = 5,
+                .what = "outbox without its per-device index",
+                .sql = hub_outbox_schema_v5_sql, /* outbox.c */
+        },
 };
 const size_t hub_store_n_migrations = ELEMENTSOF(hub_store_migrations);
 

@@ -6,7 +6,9 @@
  * not each pay one, and the event loop must never wait for one. So the owner's thread only
  * queues write functions; one commit thread takes everything queued since its last commit
  * (the whole list, swapped under the mutex), runs it in one transaction with a SAVEPOINT per
- * write, commits, and immediately takes whatever arrived meanwhile. There is no timer: under
+ * write (except writes atomic by themselves, HUB_STORE_WRITE_SINGLE), commits, hands the
+ * completions back, checkpoints the WAL when it has grown past its threshold (never inside a
+ * commit), and immediately takes whatever arrived meanwhile. There is no timer: under
  * light load each write commits alone with the least latency, under heavy load batches grow
  * by themselves to the number of writes that arrive during one fsync.
  *
@@ -56,6 +58,7 @@ struct store_write {
         hub_store_done_fn done;
         void *userdata;
         int result;
+        unsigned flags;              /* HUB_STORE_WRITE_* */
         struct store_waiter *waiter; /* set by hub_store_submit_wait() */
 };
 
@@ -86,6 +89,13 @@ struct hub_store {
         char *reserve_path;     /* see disk_full() */
         bool frozen;            /* commit thread: reserve released, database frozen at its size */
         uint64_t page_size, max_pages, autocheckpoint; /* the limits to restore after a thaw */
+        /* WAL checkpoints (commit thread): SQLite's auto-checkpoint is off; the WAL hook
+         * records the WAL's size in frames after each commit, and the commit thread runs a
+         * PASSIVE checkpoint between groups, after handing their completions back, when it
+         * reaches ckpt_frames (autocheckpoint, or a small value while frozen). So no commit
+         * (and no PUBACK waiting for one) pays for a checkpoint. */
+        uint64_t ckpt_frames;
+        uint64_t wal_frames;
         bool unclean;
         bool opened; /* fully opened: close records a clean shutdown */
 
@@ -280,6 +290,15 @@ static int run_one(struct hub_store *s, struct store_write *w, bool *ret_lost) {
         int rc, r;
 
         *ret_lost = false;
+        if (w->flags & HUB_STORE_WRITE_SINGLE) {
+                /* Atomic by itself: SQLite undoes a failing statement on its own. */
+                r = w->fn(&txn, w->userdata);
+                if (sqlite3_get_autocommit(s->wdb)) {
+                        *ret_lost = true;
+                        return r < 0 ? r : -EIO;
+                }
+                return r;
+        }
         rc = exec_w(s, WSTMT_SAVEPOINT);
         if (rc != SQLITE_OK) {
                 *ret_lost = sqlite3_get_autocommit(s->wdb);
@@ -388,6 +407,8 @@ static bool idle_checkpoint(struct hub_store *s) {
         (void) sqlite3_busy_timeout(s->wdb, 0);
         rc = exec(s->wdb, "PRAGMA wal_checkpoint(TRUNCATE)");
         (void) sqlite3_busy_timeout(s->wdb, STORE_BUSY_TIMEOUT_MS);
+        if (rc == SQLITE_OK)
+                s->wal_frames = 0;
         if (rc != SQLITE_OK) {
                 hub_log_debug(s->log, "store: idle checkpoint: %s", sqlite3_errmsg(s->wdb));
                 pthread_mutex_lock(&s->lock);
@@ -440,8 +461,38 @@ static void set_limits(struct hub_store *s, uint64_t max_pages, uint64_t autoche
         char sql[96];
         snprintf(sql, sizeof sql, "PRAGMA max_page_count = %llu", (unsigned long long) max_pages);
         (void) exec(s->wdb, sql);
-        snprintf(sql, sizeof sql, "PRAGMA wal_autocheckpoint = %llu", (unsigned long long) autocheckpoint);
-        (void) exec(s->wdb, sql);
+        s->ckpt_frames = autocheckpoint; /* see wal_checkpoint() */
+}
+
+/* Called by SQLite on the writer connection after each commit (replaces its
+ * auto-checkpoint, which would run inside the COMMIT). */
+static int wal_hook(void *userdata, sqlite3 *db, const char *name, int n_frames) {
+        struct hub_store *s = userdata;
+        (void) db;
+        (void) name;
+        s->wal_frames = n_frames > 0 ? (uint64_t) n_frames : 0;
+        return SQLITE_OK;
+}
+
+/* Between groups: a PASSIVE checkpoint once the WAL holds ckpt_frames frames, as SQLite's
+ * auto-checkpoint would have run inside the last COMMIT. It never waits for readers; when
+ * the loop's read connection holds an old snapshot, the rest is copied next time. The next
+ * write transaction then starts the WAL over from its beginning (its file is cut back to
+ * journal_size_limit). Commit thread only. */
+static void wal_checkpoint(struct hub_store *s) {
+        int rc, n_log = 0, n_ckpt = 0;
+
+        if (s->ckpt_frames == 0 || s->wal_frames < s->ckpt_frames)
+                return;
+        rc = sqlite3_wal_checkpoint_v2(s->wdb, NULL, SQLITE_CHECKPOINT_PASSIVE, &n_log, &n_ckpt);
+        if (rc != SQLITE_OK && rc != SQLITE_BUSY) {
+                hub_log_debug(s->log, "store: WAL checkpoint: %s", sqlite3_errmsg(s->wdb));
+                return;
+        }
+        s->wal_frames = 0; /* until the next commit says otherwise */
+        pthread_mutex_lock(&s->lock);
+        s->stats.wal_checkpoints++;
+        pthread_mutex_unlock(&s->lock);
 }
 
 static void disk_full(struct hub_store *s) {
@@ -543,6 +594,12 @@ static void *commit_thread(void *userdata) {
                         /* EAGAIN only when the counter is saturated: it is readable anyway. */
                         (void) !write(s->efd, &one, sizeof one);
                 }
+                if (s->ckpt_frames && s->wal_frames >= s->ckpt_frames) {
+                        /* After the completions: no PUBACK waits for the checkpoint. */
+                        pthread_mutex_unlock(&s->lock);
+                        wal_checkpoint(s);
+                        pthread_mutex_lock(&s->lock);
+                }
         }
         s->thread_exited = true;
         pthread_mutex_unlock(&s->lock);
@@ -565,16 +622,17 @@ static int enqueue(struct hub_store *s, struct store_write *w) {
         return 0;
 }
 
-int hub_store_submit(struct hub_store *s, hub_store_write_fn fn, hub_store_done_fn done, void *userdata) {
+int hub_store_submit_flags(struct hub_store *s, hub_store_write_fn fn, hub_store_done_fn done, void *userdata,
+                           unsigned flags) {
         struct store_write *w;
         int r;
 
-        if (!s || !fn)
+        if (!s || !fn || (flags & ~(unsigned) HUB_STORE_WRITE_SINGLE))
                 return -EINVAL;
-        w = calloc(1, sizeof *w);
+        w = malloc(sizeof *w);
         if (!w)
                 return -ENOMEM;
-        *w = (struct store_write) { .fn = fn, .done = done, .userdata = userdata };
+        *w = (struct store_write) { .fn = fn, .done = done, .userdata = userdata, .flags = flags };
 
         pthread_mutex_lock(&s->lock);
         r = enqueue(s, w);
@@ -582,6 +640,10 @@ int hub_store_submit(struct hub_store *s, hub_store_write_fn fn, hub_store_done_
         if (r < 0)
                 free(w);
         return r;
+}
+
+int hub_store_submit(struct hub_store *s, hub_store_write_fn fn, hub_store_done_fn done, void *userdata) {
+        return hub_store_submit_flags(s, fn, done, userdata, 0);
 }
 
 int hub_store_submit_wait(struct hub_store *s, hub_store_write_fn fn, void *userdata) {
@@ -987,9 +1049,9 @@ static int apply_budget(const struct hub_store_options *opts, struct hub_store *
          * share. */
         s->wal_truncate = MIN(wal_share / 2, 4ull * 1024 * 1024);
         s->autocheckpoint = MAX(wal_share / 2 / (uint64_t) page_size, 16u);
-        snprintf(sql, sizeof sql, "PRAGMA wal_autocheckpoint = %llu", (unsigned long long) s->autocheckpoint);
-        if ((rc = exec(s->wdb, sql)) != SQLITE_OK)
-                return open_fail(opts, s->path, s->wdb, rc, "setting wal_autocheckpoint");
+        /* SQLite's own auto-checkpoint off: the commit thread checkpoints between groups. */
+        s->ckpt_frames = s->autocheckpoint;
+        (void) sqlite3_wal_hook(s->wdb, wal_hook, s);
         snprintf(sql, sizeof sql, "PRAGMA journal_size_limit = %llu", (unsigned long long) wal_share);
         if ((rc = exec(s->wdb, sql)) != SQLITE_OK)
                 return open_fail(opts, s->path, s->wdb, rc, "setting journal_size_limit");

@@ -4,6 +4,7 @@
  * collection, capacity with both overflow policies, TTLs under the time rule, the events
  * stream with a device filter. */
 
+#include <errno.h>
 #include <inttypes.h>
 #include <poll.h>
 #include <stdio.h>
@@ -13,6 +14,7 @@
 #include "hub/msg.h"
 #include "hub/outbox.h"
 #include "hub/store.h"
+#include "store-internal.h"
 #include "test-util.h"
 
 #define T0 (UINT64_C(1700000000) * USEC_PER_SEC)
@@ -655,6 +657,266 @@ static void test_events_read(void) {
         env_done(&e);
 }
 
+/* The index summarises chunks of rows and looks at single rows only where a question falls
+ * inside a chunk: its answers must equal the log's, row for row, over several chunks, with
+ * cursors, capacity cuts, TTL cuts and collections in the middle of chunks, and after a
+ * reopen. */
+static uint64_t sql_u64(struct env *e, const char *sql, uint64_t arg) {
+        sqlite3 *db = hub_store_read_db(e->store);
+        sqlite3_stmt *st = NULL;
+        uint64_t v = 0;
+
+        ASSERT_EQ(sqlite3_prepare_v2(db, sql, -1, &st, NULL), SQLITE_OK);
+        sqlite3_bind_int64(st, 1, (sqlite3_int64) arg);
+        ASSERT_EQ(sqlite3_step(st), SQLITE_ROW);
+        v = (uint64_t) sqlite3_column_int64(st, 0);
+        sqlite3_finalize(st);
+        return v;
+}
+
+static uint64_t sql_u64_db(sqlite3 *db, const char *sql) {
+        sqlite3_stmt *st = NULL;
+        uint64_t v = 0;
+        if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK && sqlite3_step(st) == SQLITE_ROW)
+                v = (uint64_t) sqlite3_column_int64(st, 0);
+        sqlite3_finalize(st);
+        return v;
+}
+
+static void check_backlog(struct env *e, struct hub_outbox_endpoint *ep) {
+        struct hub_outbox_endpoint_stats st;
+        struct hub_outbox_stats os;
+
+        stats(ep, &st);
+        ASSERT_EQ(st.backlog_count, sql_u64(e, "SELECT count(*) FROM outbox WHERE seq > ?1", st.cursor));
+        ASSERT_EQ(st.backlog_bytes, sql_u64(e, "SELECT ifnull(sum(size), 0) FROM outbox WHERE seq > ?1", st.cursor));
+        hub_outbox_get_stats(e->o, &os);
+        ASSERT_EQ(os.stored_count, sql_u64(e, "SELECT count(*) FROM outbox WHERE seq > ?1", 0));
+        ASSERT_EQ(os.stored_bytes, sql_u64(e, "SELECT ifnull(sum(size), 0) FROM outbox WHERE seq > ?1", 0));
+}
+
+static int limit_pages(struct hub_store_txn *txn, void *ud) {
+        sqlite3 *db = hub_store_txn_db(txn);
+        char sql[96];
+        (void) ud;
+        snprintf(sql, sizeof sql, "PRAGMA max_page_count = %" PRIu64,
+                 sql_u64_db(db, "PRAGMA page_count"));
+        return sqlite3_exec(db, sql, NULL, NULL, NULL) == SQLITE_OK ? 0 : -EIO;
+}
+
+static int unlimit_pages(struct hub_store_txn *txn, void *ud) {
+        (void) ud;
+        return sqlite3_exec(hub_store_txn_db(txn), "PRAGMA max_page_count = 1073741823", NULL, NULL, NULL) == SQLITE_OK
+                       ? 0
+                       : -EIO;
+}
+
+static void gc_count_done(int r, uint64_t n_deleted, void *ud) {
+        ASSERT_OK(r);
+        (void) n_deleted;
+        (*(unsigned *) ud)++;
+}
+
+static void test_index_chunks(void) {
+        const unsigned ROUNDS = 7, PER = 700; /* rounds cut across the index's 1,024-row chunks */
+        struct hub_outbox_endpoint *a, *b, *c, *ev;
+        struct hub_outbox_endpoint_stats st;
+        struct env e;
+        uint64_t base_mono;
+        char body[200];
+
+        memset(&e, 0, sizeof e);
+        test_tmpdir(e.dir, sizeof e.dir);
+        hub_fake_clock_init(&e.clock, T0);
+        e.boot_id = "boot-a";
+        e.events = (struct hub_outbox_endpoint_options) { .ttl_usec = 10 * SEC };
+        env_open(&e);
+        base_mono = e.clock.monotonic;
+
+        ASSERT_OK(hub_outbox_endpoint_open(e.o, "a", NULL, &a));
+        struct hub_outbox_endpoint_options ob = { .max_count = 1500, .overflow = HUB_OUTBOX_DROP_OLDEST };
+        ASSERT_OK(hub_outbox_endpoint_open(e.o, "b", &ob, &b));
+        struct hub_outbox_endpoint_options oc = { .max_bytes = 100000, .overflow = HUB_OUTBOX_DROP_OLDEST };
+        ASSERT_OK(hub_outbox_endpoint_open(e.o, "c", &oc, &c));
+        ASSERT_OK(hub_outbox_endpoint_get(e.o, HUB_OUTBOX_EVENTS, &ev));
+
+        for (unsigned r = 0; r < ROUNDS; r++) {
+                set_clock(&e, T0 + r * SEC, base_mono + r * SEC);
+                for (unsigned i = 0; i < PER; i++) {
+                        unsigned k = r * PER + i;
+                        memset(body, 'x', sizeof body);
+                        snprintf(body, sizeof body, "%u", k);
+                        body[strlen(body)] = 'x';
+                        body[10 + k % 150] = 0; /* sizes vary */
+                        struct hub_msg *m = mkmsg(k % 2 ? "dev1" : "dev2", body);
+                        ASSERT_OK(hub_outbox_append(e.o, m, append_done, &e));
+                        hub_msg_unref(m);
+                }
+                wait_for(&e, &e.n_done, (r + 1) * PER);
+        }
+        ASSERT_EQ(e.n_ok, ROUNDS * PER);
+
+        /* Capacity: exactly 1,500 left after b's cursor; c within its bytes, one more over. */
+        stats(b, &st);
+        ASSERT_EQ(st.backlog_count, 1500);
+        ASSERT_EQ(st.drops, ROUNDS * PER - 1500);
+        ASSERT_EQ(st.cursor, ROUNDS * PER - 1500);
+        stats(c, &st);
+        ASSERT_TRUE(st.backlog_bytes <= 100000);
+        ASSERT_TRUE(sql_u64(&e, "SELECT sum(size) FROM outbox WHERE seq >= ?1", st.cursor) > 100000);
+        ASSERT_EQ(st.drops, st.cursor);
+        check_backlog(&e, a);
+        check_backlog(&e, b);
+        check_backlog(&e, c);
+        check_backlog(&e, ev);
+
+        /* Acks inside chunks count exactly what they pass. */
+        ack_wait(&e, a, 1234);
+        stats(a, &st);
+        ASSERT_EQ(st.delivered, 1234);
+        check_backlog(&e, a);
+        ack_wait(&e, a, 3333);
+        stats(a, &st);
+        ASSERT_EQ(st.delivered, 3333);
+        check_backlog(&e, a);
+
+        /* The events TTL expires rounds 0..2 (2,100 messages, the cut inside a chunk). */
+        set_clock(&e, T0 + 12 * SEC, base_mono + 12 * SEC);
+        stats(ev, &st);
+        ASSERT_EQ(st.oldest_age_usec, 12 * SEC);
+        unsigned n_gc = 0, gc_runs = 0;
+        for (unsigned i = 0; i < 10; i++) {
+                int r = hub_outbox_gc(e.o, gc_count_done, &n_gc);
+                ASSERT_TRUE(r >= 0);
+                if (r == 1)
+                        wait_for(&e, &n_gc, ++gc_runs);
+        }
+        stats(ev, &st);
+        ASSERT_EQ(st.expiries, 3 * PER);
+        ASSERT_EQ(st.cursor, 3 * PER);
+        ASSERT_EQ(st.oldest_age_usec, 9 * SEC);
+        /* Everything up to the smallest cursor (events, 2,100) is collected. */
+        ASSERT_EQ(sql_u64(&e, "SELECT min(seq) FROM outbox WHERE seq > ?1", 0), 3 * PER + 1);
+        check_backlog(&e, a);
+        check_backlog(&e, b);
+        check_backlog(&e, c);
+        check_backlog(&e, ev);
+
+        /* Reopened: the index is rebuilt from the log, counters kept. */
+        env_close(&e);
+        env_open(&e);
+        ASSERT_OK(hub_outbox_endpoint_open(e.o, "a", NULL, &a));
+        ASSERT_OK(hub_outbox_endpoint_open(e.o, "b", &ob, &b));
+        ASSERT_OK(hub_outbox_endpoint_open(e.o, "c", &oc, &c));
+        ASSERT_OK(hub_outbox_endpoint_get(e.o, HUB_OUTBOX_EVENTS, &ev));
+        stats(a, &st);
+        ASSERT_EQ(st.delivered, 3333);
+        check_backlog(&e, a);
+        check_backlog(&e, b);
+        check_backlog(&e, c);
+        check_backlog(&e, ev);
+        /* Appends that fail (the database cannot grow) leave gaps inside a chunk. */
+        ASSERT_OK(hub_store_submit_wait(e.store, limit_pages, NULL));
+        static char big[200000];
+        memset(big, 'y', sizeof big - 1);
+        unsigned ok0 = e.n_ok, done0 = e.n_done, fails = 0;
+        /* The free pages the collection left fill up first. */
+        for (unsigned i = 0; i < 40 && fails < 4; i++) {
+                struct hub_msg *m = mkmsg("dev3", big);
+                ASSERT_OK(hub_outbox_append(e.o, m, append_done, &e));
+                hub_msg_unref(m);
+                wait_for(&e, &e.n_done, e.n_done + 1);
+                if (e.last_r < 0) {
+                        ASSERT_ERR(e.last_r, -ENOSPC);
+                        fails++;
+                }
+        }
+        ASSERT_EQ(fails, 4);
+        unsigned big_ok = e.n_ok - ok0;
+        done0 = e.n_done;
+        ok0 = e.n_ok;
+        ASSERT_OK(hub_store_submit_wait(e.store, unlimit_pages, NULL));
+        for (unsigned i = 0; i < 300; i++) {
+                snprintf(body, sizeof body, "after-gap-%u", i);
+                struct hub_msg *m = mkmsg("dev1", body);
+                ASSERT_OK(hub_outbox_append(e.o, m, append_done, &e));
+                hub_msg_unref(m);
+        }
+        wait_for(&e, &e.n_done, done0 + 300);
+        ASSERT_EQ(e.n_ok, ok0 + 300);
+        ASSERT_EQ(sql_u64(&e, "SELECT count(*) FROM outbox WHERE seq > ?1", ROUNDS * PER), big_ok + 300);
+        check_backlog(&e, a);
+        check_backlog(&e, b);
+        check_backlog(&e, c);
+        check_backlog(&e, ev);
+        /* A count cut across the gap: the rows passed are exactly the drops. */
+        stats(b, &st);
+        uint64_t cur0 = st.cursor, drops0 = st.drops;
+        ob.max_count = 250;
+        ASSERT_OK(hub_outbox_endpoint_open(e.o, "b", &ob, &b));
+        stats(b, &st);
+        ASSERT_EQ(st.backlog_count, 250);
+        ASSERT_EQ(st.drops - drops0, sql_u64(&e, "SELECT count(*) FROM outbox WHERE seq > ?1", cur0) - 250);
+        check_backlog(&e, b);
+        ob.max_count = 1500;
+        ASSERT_OK(hub_outbox_endpoint_open(e.o, "b", &ob, &b));
+        /* An ack just after the gap counts the rows it passes, not the sequence numbers. */
+        uint64_t target = ROUNDS * PER + big_ok + 4 + 50;
+        ASSERT_EQ(sql_u64(&e, "SELECT count(*) FROM outbox WHERE seq > ?1", target), 250);
+        stats(a, &st);
+        uint64_t del0 = st.delivered;
+        ack_wait(&e, a, ROUNDS * PER); /* just before the gap, in the same chunk */
+        stats(a, &st);
+        ASSERT_EQ(st.delivered - del0, ROUNDS * PER - 3333);
+        ack_wait(&e, a, target);
+        stats(a, &st);
+        ASSERT_EQ(st.delivered - del0, sql_u64(&e, "SELECT count(*) FROM outbox WHERE seq > ?1", 3333) - 250);
+        check_backlog(&e, a);
+
+        /* A drop-oldest cut inside a chunk after the reopen. */
+        env_close(&e);
+        env_open(&e);
+        ASSERT_OK(hub_outbox_endpoint_open(e.o, "a", NULL, &a));
+        ASSERT_OK(hub_outbox_endpoint_open(e.o, "c", &oc, &c));
+        check_backlog(&e, a);
+        check_backlog(&e, c);
+        ob.max_count = 77;
+        ASSERT_OK(hub_outbox_endpoint_open(e.o, "b", &ob, &b));
+        stats(b, &st);
+        ASSERT_EQ(st.backlog_count, 77);
+        check_backlog(&e, b);
+        env_done(&e);
+}
+
+/* Drop-oldest under a fast ingest collects by itself once a collection's worth of rows is
+ * behind every cursor: the log stays bounded without the caller's once-a-second calls. */
+static void test_gc_kick(void) {
+        struct hub_outbox_stats os;
+        struct env e;
+
+        memset(&e, 0, sizeof e);
+        test_tmpdir(e.dir, sizeof e.dir);
+        hub_fake_clock_init(&e.clock, T0);
+        e.boot_id = "boot-a";
+        e.events = (struct hub_outbox_endpoint_options) { .max_count = 100, .overflow = HUB_OUTBOX_DROP_OLDEST };
+        env_open(&e);
+        for (unsigned r = 0; r < 30; r++) {
+                for (unsigned i = 0; i < 1000; i++) {
+                        struct hub_msg *m = mkmsg("dev1", "{\"v\":1}");
+                        ASSERT_OK(hub_outbox_append(e.o, m, append_done, &e));
+                        hub_msg_unref(m);
+                }
+                wait_for(&e, &e.n_done, (r + 1) * 1000);
+        }
+        ASSERT_EQ(e.n_ok, 30000);
+        hub_outbox_get_stats(e.o, &os);
+        fprintf(stderr, "  stored %" PRIu64 ", deleted %" PRIu64 "\n", os.stored_count, os.deleted);
+        ASSERT_TRUE(os.deleted >= 10000);
+        ASSERT_TRUE(os.stored_count <= 100 + 10000 + 2 * 1000 + 20000);
+        ASSERT_EQ(os.stored_count + os.deleted, 30000);
+        env_done(&e);
+}
+
 int main(void) {
         TEST_RUN(test_append_read_ack);
         TEST_RUN(test_batch);
@@ -664,5 +926,7 @@ int main(void) {
         TEST_RUN(test_capacity_reject_new);
         TEST_RUN(test_ttl_time_rule);
         TEST_RUN(test_events_read);
+        TEST_RUN(test_index_chunks);
+        TEST_RUN(test_gc_kick);
         return 0;
 }

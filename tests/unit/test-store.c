@@ -846,6 +846,106 @@ static void test_backup(void) {
         hub_store_close(b);
 }
 
+/* Writes flagged HUB_STORE_WRITE_SINGLE run without a SAVEPOINT: a failing statement is
+ * undone by SQLite alone (here a multi-row INSERT failing on its third row), the others of
+ * the group stay, and the group still commits once. */
+static void test_single_writes(void) {
+        const char *dir = new_state_dir("single");
+        struct hub_store *s = NULL;
+        struct hub_store_stats st0, st1;
+        struct op block = { .sql = NULL };
+        struct op ops[5] = {
+                { .sql = "INSERT INTO u VALUES ('w1')" },
+                { .sql = "INSERT INTO u VALUES ('w2')" },
+                { .sql = "INSERT INTO u VALUES ('p1'), ('p2'), ('dup'), ('p3')" },
+                { .sql = "UPDATE u SET name = 'w4' WHERE name = 'old'" },
+                { .sql = "INSERT INTO u VALUES ('w5')" },
+        };
+
+        ASSERT_OK(open_store(dir, &s));
+        wait_sql(s, "CREATE TABLE b (name TEXT)");
+        wait_sql(s, "CREATE TABLE u (name TEXT UNIQUE); INSERT INTO u VALUES ('dup'), ('old')");
+        ASSERT_ERR(hub_store_submit_flags(s, write_op, op_done, &ops[0], 1u << 7), -EINVAL);
+        ASSERT_ERR(hub_store_submit_flags(s, NULL, op_done, &ops[0], HUB_STORE_WRITE_SINGLE), -EINVAL);
+
+        blocker_running = blocker_release = 0;
+        n_ops_done = 0;
+        ASSERT_OK(hub_store_submit(s, blocker, op_done, &block));
+        while (!__atomic_load_n(&blocker_running, __ATOMIC_SEQ_CST))
+                usleep(1000);
+        hub_store_get_stats(s, &st0);
+        for (int i = 0; i < 5; i++)
+                ASSERT_OK(hub_store_submit_flags(s, write_op, op_done, &ops[i], HUB_STORE_WRITE_SINGLE));
+        __atomic_store_n(&blocker_release, 1, __ATOMIC_SEQ_CST);
+        dispatch_until(s, &n_ops_done, 6);
+
+        ASSERT_EQ(block.result, 0);
+        for (int i = 0; i < 5; i++) {
+                ASSERT_EQ(ops[i].n, 1);
+                ASSERT_EQ(ops[i].result, i == 2 ? -EEXIST : 0);
+        }
+        hub_store_get_stats(s, &st1);
+        ASSERT_EQ(st1.commits - st0.commits, 2);
+        ASSERT_EQ(st1.last_batch, 5);
+        ASSERT_EQ(st1.failed_commits, 0);
+        sqlite3 *r = hub_store_read_db(s);
+        ASSERT_EQ(query_int(r, "SELECT count(*) FROM u WHERE name LIKE 'p%'"), 0);
+        ASSERT_EQ(query_int(r, "SELECT count(*) FROM u"), 5); /* dup w1 w2 w4 w5 */
+        ASSERT_EQ(query_int(r, "SELECT count(*) FROM u WHERE name IN ('dup', 'w1', 'w2', 'w4', 'w5')"), 5);
+        hub_store_close(s);
+
+        /* Reopened (and checked): nothing of the failed statement came back. */
+        ASSERT_OK(open_store_ex(dir, &fake.clock, true, NULL, NULL, 0, &s));
+        ASSERT_EQ(query_int(hub_store_read_db(s), "SELECT count(*) FROM u"), 5);
+        hub_store_close(s);
+}
+
+/* SQLite's auto-checkpoint is replaced by one between groups: the WAL stays bounded under a
+ * stream of commits, and the checkpoints are counted. */
+static void test_wal_checkpoint_between_groups(void) {
+        const char *dir = new_state_dir("walckpt");
+        struct hub_store *s = NULL;
+        struct hub_store_stats st;
+        struct hub_store_options o = { .dir = dir, .clock = &fake.clock, .errbuf = errbuf,
+                                       .errbuf_size = sizeof errbuf, .max_size = 8 * 1024 * 1024 };
+
+        ASSERT_OK(hub_store_open(&o, &s));
+        wait_sql(s, "CREATE TABLE w (data BLOB)");
+        /* Budget 8 MiB: WAL share 2 MiB, checkpoint at 1 MiB. 200 commits of 20 KB rows,
+         * deleted again so the database stays small. */
+        for (int i = 0; i < 200; i++) {
+                wait_sql(s, "INSERT INTO w VALUES (randomblob(20000))");
+                if (i % 10 == 9)
+                        wait_sql(s, "DELETE FROM w");
+        }
+        hub_store_get_stats(s, &st);
+        fprintf(stderr, "  wal_checkpoints=%llu wal=%llu db=%llu\n", (unsigned long long) st.wal_checkpoints,
+                (unsigned long long) st.wal_bytes, (unsigned long long) st.db_bytes);
+        ASSERT_TRUE(st.wal_checkpoints >= 2);
+        ASSERT_TRUE(st.wal_bytes <= 2 * 1024 * 1024 + 64 * 1024);
+        hub_store_close(s);
+}
+
+/* A store written with schema 4 (the outbox's per-device index) migrates to 5. */
+static void test_migrate_v4_to_v5(void) {
+        const char *dir = new_state_dir("v4");
+        struct hub_store *s = NULL;
+        char path[4300];
+
+        ASSERT_OK(open_store(dir, &s));
+        hub_store_close(s);
+        db_path(dir, path, sizeof path);
+        sql_on_file(path, "CREATE INDEX outbox_by_device ON outbox (device_id, seq);"
+                          "INSERT INTO outbox VALUES (1, 'd', NULL, 1, 1, 1, 0, 1, x'00');"
+                          "UPDATE schema_version SET version = 4;");
+        ASSERT_OK(open_store(dir, &s));
+        sqlite3 *r = hub_store_read_db(s);
+        ASSERT_EQ(query_int(r, "SELECT version FROM schema_version"), 5);
+        ASSERT_EQ(query_int(r, "SELECT count(*) FROM sqlite_master WHERE name = 'outbox_by_device'"), 0);
+        ASSERT_EQ(query_int(r, "SELECT count(*) FROM outbox"), 1);
+        hub_store_close(s);
+}
+
 int main(void) {
         test_tmpdir(tmp_root, sizeof tmp_root);
         hub_fake_clock_init(&fake, UINT64_C(1700000000) * USEC_PER_SEC);
@@ -858,6 +958,9 @@ int main(void) {
         TEST_RUN(test_grouped_commit);
         TEST_RUN(test_submit_wait_and_shutdown);
         TEST_RUN(test_failing_write_in_batch);
+        TEST_RUN(test_single_writes);
+        TEST_RUN(test_wal_checkpoint_between_groups);
+        TEST_RUN(test_migrate_v4_to_v5);
         TEST_RUN(test_disk_full);
         TEST_RUN(test_healthy);
         TEST_RUN(test_backup);

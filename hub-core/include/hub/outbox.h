@@ -11,7 +11,9 @@
  * Appends go through the store's grouped commit: hub_outbox_append() only queues; its
  * completion (dispatched by hub_store_dispatch() on the owner's thread) says the message is
  * durable — that is what a protocol front-end waits for before its PUBACK / HTTP 204. Many
- * appends queued back to back land in one transaction (one INSERT each, prepared once).
+ * appends queued back to back land in one transaction (one INSERT each, prepared once); the
+ * appends queued while the commit thread is busy travel to it as one store write, with one
+ * completion callback per message still.
  *
  * Everything here runs on the store owner's thread (the event loop), except the write
  * functions the store runs on its commit thread. There are no timers: the caller calls
@@ -20,8 +22,9 @@
  *
  * Backlog accounting is computed from cursor positions: an endpoint's backlog is every
  * message after its cursor, including those its route would skip (the caller filters; it
- * should acknowledge skipped messages promptly). An in-memory index of ~48 bytes per stored
- * message keeps counts, bytes and ages exact without queries.
+ * should acknowledge skipped messages promptly). An in-memory index of ~100 bytes per 1,024
+ * stored messages (chunk summaries; the rows of a chunk are read back from the log when a
+ * question falls inside it) keeps counts, bytes and ages exact with bounded memory.
  *
  * Time rule for TTLs and retention (issue 6): within one boot a message's age is measured on
  * the monotonic boot clock (CLOCK_BOOTTIME), so wall-clock jumps never matter; a message

@@ -6,7 +6,8 @@
  * Writes are asynchronous and grouped. Callers submit a write function with a completion;
  * one commit thread takes everything submitted while the previous commit ran and applies it
  * in a single transaction as soon as it is idle (no fixed wait), each write under its own
- * SAVEPOINT so that one failing write does not fail the others. Completions are handed back
+ * SAVEPOINT so that one failing write does not fail the others (writes that are atomic by
+ * themselves skip it: HUB_STORE_WRITE_SINGLE). Completions are handed back
  * to the thread that owns the store (the event loop) through an eventfd: when
  * hub_store_get_fd() polls readable, call hub_store_dispatch().
  *
@@ -29,7 +30,7 @@ struct hub_store;
 struct hub_store_txn; /* the open transaction, valid only inside a write function */
 
 /* The schema version this build writes. */
-#define HUB_STORE_SCHEMA_VERSION 4
+#define HUB_STORE_SCHEMA_VERSION 5
 #define HUB_STORE_FILE_NAME "fieldhub.db"
 
 struct hub_store_options {
@@ -89,6 +90,22 @@ typedef void (*hub_store_done_fn)(int result, void *userdata);
 HUB_EXPORT int hub_store_submit(struct hub_store *s, hub_store_write_fn fn, hub_store_done_fn done,
                                 void *userdata);
 
+/* Flags for hub_store_submit_flags(). */
+enum {
+        /* The write is atomic by itself: it either changes nothing and returns < 0, or
+         * returns >= 0 with each of its statements either applied or, when one failed,
+         * undone by SQLite alone (a single INSERT/UPDATE/DELETE statement, or several
+         * independent statements whose individual outcome the write reports itself). The
+         * store then runs it without a SAVEPOINT (which costs a copy of every page the write
+         * touches into SQLite's statement journal). A failure that loses the whole
+         * transaction is still detected and fails the whole group, as for other writes. */
+        HUB_STORE_WRITE_SINGLE = 1 << 0,
+};
+
+/* hub_store_submit() with flags (HUB_STORE_WRITE_*). Same results. */
+HUB_EXPORT int hub_store_submit_flags(struct hub_store *s, hub_store_write_fn fn, hub_store_done_fn done,
+                                      void *userdata, unsigned flags);
+
 /* Queues a write and blocks until its group has committed. Returns the write's result or
  * the commit's failure, or -ESHUTDOWN once close has begun. For rare operations (registry
  * changes) on the owner's thread; it delivers no other completions. Must not be called from
@@ -119,6 +136,7 @@ struct hub_store_stats {
         uint64_t full_failures;     /* writes that failed with -ENOSPC (budget or disk full) */
         uint64_t max_size;          /* the budget (0 = none) */
         uint64_t checkpoints;       /* idle WAL truncations */
+        uint64_t wal_checkpoints;   /* WAL checkpoints run between commits (size threshold) */
 };
 HUB_EXPORT void hub_store_get_stats(struct hub_store *s, struct hub_store_stats *ret);
 

@@ -490,9 +490,19 @@ static int http_send(void *t, const struct gw_ep_item *items, size_t n) {
         }
         for (size_t i = 0; i < n; i++) {
                 struct http_item *x = &h->q[h->q_n];
-                r = gw_uplink_item_json(&items[i], gw_endpoint_name(h->ep), &x->json, &x->len);
-                if (r < 0)
+                /* The file endpoint's direct formatter (same text as gw_uplink_item_json()); its
+                 * newline becomes the terminating NUL: the item is one element of an array. */
+                char *buf = NULL, *shrunk;
+                size_t len = 0, cap = 0;
+                r = gw_endpoint_json_append(&items[i], gw_endpoint_name(h->ep), &buf, &len, &cap);
+                if (r < 0) {
+                        free(buf);
                         return r;
+                }
+                buf[len - 1] = 0;
+                shrunk = realloc(buf, len);
+                x->json = shrunk ? shrunk : buf;
+                x->len = len - 1;
                 x->seq = items[i].seq;
                 h->q_n++;
         }

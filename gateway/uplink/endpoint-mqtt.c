@@ -8,7 +8,13 @@
  * paho calls back from its own threads. Those callbacks only post a small record to the
  * shared paho inbox (paho-inbox.h: a mutex-protected list and an eventfd); the loop takes the
  * records and calls the framework. A publish's token maps back to its sequence number on the
- * loop thread, and the cursor moves only on the publish's success callback (PUBACK). */
+ * loop thread, and the cursor moves only on the publish's success callback (PUBACK).
+ *
+ * Publish confirmations are the hot path (one per message): the success callback only
+ * appends the token to an array under the lock, and posts one EV_ACKS record (one eventfd
+ * write, one wakeup of the loop) when the array was empty; the loop takes the whole array.
+ * Tokens in flight are kept in send order (a ring): the broker acknowledges in order, so the
+ * token looked up is nearly always the oldest. */
 
 #include <errno.h>
 #include <pthread.h>
@@ -26,7 +32,7 @@
 #include "log.h"
 #include "paho-inbox.h"
 
-enum ev_kind { EV_CONNECTED, EV_CONNECT_FAILED, EV_LOST, EV_PUB_OK, EV_PUB_FAILED };
+enum ev_kind { EV_CONNECTED, EV_CONNECT_FAILED, EV_LOST, EV_ACKS, EV_PUB_FAILED };
 
 struct mqtt_ev {
         struct gw_paho_item item;
@@ -51,9 +57,12 @@ struct mqtt_ep {
         struct gw_paho_inbox *inbox;
         pthread_mutex_t lock;
         struct conn_ctx *ctxs; /* under lock */
-        /* token → seq of publishes in flight (loop thread only) */
+        int *acks;             /* under lock: tokens of PUBACKs not yet taken by the loop */
+        size_t n_acks, cap_acks;
+        bool acks_oom;         /* under lock: an ack could not be recorded */
+        /* token → seq of publishes in flight, in send order (loop thread only): a ring */
         struct pending *pend;
-        size_t n_pend, cap_pend;
+        size_t pend_head, n_pend, cap_pend;
 };
 
 static void post(struct mqtt_ep *m, enum ev_kind kind, unsigned gen, int token, int code) {
@@ -110,7 +119,25 @@ static int on_arrived(void *context, char *topic, int topic_len, MQTTAsync_messa
 }
 
 static void on_pub_ok(void *context, MQTTAsync_successData *resp) {
-        post(context, EV_PUB_OK, 0, resp ? resp->token : 0, 0);
+        struct mqtt_ep *m = context;
+        bool first;
+        pthread_mutex_lock(&m->lock);
+        first = m->n_acks == 0 && !m->acks_oom;
+        if (m->n_acks == m->cap_acks) {
+                size_t cap = m->cap_acks ? m->cap_acks * 2 : 256;
+                int *a = realloc(m->acks, cap * sizeof *a);
+                if (a) {
+                        m->acks = a;
+                        m->cap_acks = cap;
+                }
+        }
+        if (m->n_acks < m->cap_acks)
+                m->acks[m->n_acks++] = resp ? resp->token : 0;
+        else
+                m->acks_oom = true; /* the loop treats it as a lost connection: resent */
+        pthread_mutex_unlock(&m->lock);
+        if (first)
+                post(m, EV_ACKS, 0, 0, 0);
 }
 
 static void on_pub_fail(void *context, MQTTAsync_failureData *resp) {
@@ -119,14 +146,69 @@ static void on_pub_fail(void *context, MQTTAsync_failureData *resp) {
 
 /* ---- the loop ---------------------------------------------------------------------------- */
 
+static struct pending *pend_at(struct mqtt_ep *m, size_t i) {
+        return &m->pend[(m->pend_head + i) & (m->cap_pend - 1)];
+}
+
+/* Finds and removes token (a taken entry becomes token 0, and the taken entries at the front
+ * are dropped). paho's tokens are the MQTT packet ids: 1..65535, unique while in flight. */
 static bool take_pending(struct mqtt_ep *m, int token, uint64_t *ret_seq) {
-        for (size_t i = 0; i < m->n_pend; i++)
-                if (m->pend[i].token == token) {
-                        *ret_seq = m->pend[i].seq;
-                        m->pend[i] = m->pend[--m->n_pend];
-                        return true;
+        if (token == 0)
+                return false;
+        for (size_t i = 0; i < m->n_pend; i++) {
+                struct pending *p = pend_at(m, i);
+                if (p->token != token)
+                        continue;
+                *ret_seq = p->seq;
+                p->token = 0;
+                while (m->n_pend > 0 && pend_at(m, 0)->token == 0) {
+                        m->pend_head = (m->pend_head + 1) & (m->cap_pend - 1);
+                        m->n_pend--;
                 }
+                return true;
+        }
         return false;
+}
+
+static int push_pending(struct mqtt_ep *m, int token, uint64_t seq) {
+        if (m->n_pend == m->cap_pend) {
+                size_t cap = m->cap_pend ? m->cap_pend * 2 : 256; /* a power of two */
+                struct pending *p = malloc(cap * sizeof *p);
+                if (!p)
+                        return -ENOMEM;
+                for (size_t i = 0; i < m->n_pend; i++)
+                        p[i] = *pend_at(m, i);
+                free(m->pend);
+                m->pend = p;
+                m->cap_pend = cap;
+                m->pend_head = 0;
+        }
+        *pend_at(m, m->n_pend++) = (struct pending) { .token = token, .seq = seq };
+        return 0;
+}
+
+static void take_acks(struct mqtt_ep *m) {
+        int *acks;
+        size_t n;
+        bool oom;
+        pthread_mutex_lock(&m->lock);
+        acks = m->acks;
+        n = m->n_acks;
+        oom = m->acks_oom;
+        m->acks = NULL;
+        m->n_acks = m->cap_acks = 0;
+        m->acks_oom = false;
+        pthread_mutex_unlock(&m->lock);
+        for (size_t i = 0; i < n; i++) {
+                uint64_t seq;
+                if (take_pending(m, acks[i], &seq))
+                        gw_endpoint_confirm(m->ep, seq, 0);
+        }
+        free(acks);
+        if (oom && m->connected) {
+                m->connected = false;
+                gw_endpoint_down(m->ep, -ENOMEM, "out of memory recording a confirmation");
+        }
 }
 
 static void free_ev(struct gw_paho_item *it) {
@@ -158,9 +240,8 @@ static void on_inbox(void *ud, struct gw_paho_item *it) {
                         gw_endpoint_down(m->ep, -ECONNRESET, why);
                 }
                 break;
-        case EV_PUB_OK:
-                if (take_pending(m, e->token, &seq))
-                        gw_endpoint_confirm(m->ep, seq, 0);
+        case EV_ACKS:
+                take_acks(m);
                 break;
         case EV_PUB_FAILED:
                 if (take_pending(m, e->token, &seq) && m->connected) {
@@ -231,6 +312,12 @@ static int mqtt_create(struct gw_endpoint *ep, const struct gw_endpoint_conf *c,
                 mqtt_destroy(m);
                 return -EINVAL;
         }
+        /* paho formats every packet it sends or receives into its in-memory trace (a vsnprintf
+         * and a time stamp, ~15 % of its cost per message) at its default level; nobody reads
+         * that trace unless MQTT_C_CLIENT_TRACE* asks for it. (Process-wide; paho's own
+         * initialisation in the first create honours the environment, so this comes after.) */
+        if (!getenv("MQTT_C_CLIENT_TRACE") && !getenv("MQTT_C_CLIENT_TRACE_LEVEL"))
+                MQTTAsync_setTraceLevel(MQTTASYNC_TRACE_ERROR);
         r = MQTTAsync_setCallbacks(m->client, m, on_lost, on_arrived, NULL);
         if (r != MQTTASYNC_SUCCESS) {
                 mqtt_destroy(m);
@@ -271,6 +358,8 @@ static int mqtt_connect(void *t) {
                 ssl.verify = 1;
                 o.ssl = &ssl;
         }
+        gw_log_full(LOG_DEBUG, 0, GW_FIELDS(.component = "uplink", .endpoint = gw_endpoint_name(m->ep)),
+                    "Endpoint %s: connecting to %s", gw_endpoint_name(m->ep), m->address);
         int r = MQTTAsync_connect(m->client, &o);
         if (r != MQTTASYNC_SUCCESS) {
                 ctx_release(c);
@@ -324,14 +413,6 @@ static int mqtt_send(void *t, const struct gw_ep_item *items, size_t n) {
                 ro.onFailure = on_pub_fail;
                 ro.context = m;
                 expand_topic(m, &items[i], topic, sizeof topic);
-                if (m->n_pend == m->cap_pend) {
-                        size_t cap = m->cap_pend ? m->cap_pend * 2 : 64;
-                        struct pending *p = realloc(m->pend, cap * sizeof *p);
-                        if (!p)
-                                return -ENOMEM;
-                        m->pend = p;
-                        m->cap_pend = cap;
-                }
                 int r = MQTTAsync_send(m->client, topic, (int) len, body, (int) m->qos, 0, &ro);
                 if (r != MQTTASYNC_SUCCESS) {
                         gw_log_full(LOG_DEBUG, 0, GW_FIELDS(.component = "uplink", .endpoint = gw_endpoint_name(m->ep)),
@@ -339,7 +420,10 @@ static int mqtt_send(void *t, const struct gw_ep_item *items, size_t n) {
                         m->connected = false;
                         return -EIO;
                 }
-                m->pend[m->n_pend++] = (struct pending) { .token = ro.token, .seq = items[i].seq };
+                if (push_pending(m, ro.token, items[i].seq) < 0) {
+                        m->connected = false; /* its confirmation could not be matched: resend */
+                        return -ENOMEM;
+                }
         }
         return 0;
 }
@@ -380,6 +464,7 @@ static void mqtt_destroy(void *t) {
         free(m->cert_file);
         free(m->key_file);
         free(m->pend);
+        free(m->acks);
         free(m);
 }
 

@@ -15,7 +15,7 @@
  *
  * State machine:   STOPPED → CONNECTING → UP ⇄ (send, confirm)
  *                                  ↑         ↓ gw_endpoint_down()
- *                                  └─ BACKOFF (retry.initial doubling to retry.max, ±25% jitter)
+ *                                  └─ BACKOFF (retry.initial doubling to retry.max, ±25% jitter capped at retry.max)
  * Going down forgets everything unconfirmed: the next connection resends from the cursor
  * (duplicates possible, nothing lost). An endpoint that is down never blocks the others:
  * each has its own cursor, and the outbox's capacity policy (drop-oldest / reject-new)
@@ -60,6 +60,11 @@ struct gw_endpoint_ops {
         void (*disconnect)(void *t);
         void (*destroy)(void *t);
 };
+
+/* Appends the JSON line of it (uplink-json.h's shape, compact, with its '\n') to the growable
+ * buffer *buf (capacity *cap, *len bytes used; realloc'd as needed, the caller frees it).
+ * -ENOMEM leaves *len as it was. (endpoint-file.c) */
+int gw_endpoint_json_append(const struct gw_ep_item *it, const char *endpoint, char **buf, size_t *len, size_t *cap);
 
 extern const struct gw_endpoint_ops gw_endpoint_file_ops;
 extern const struct gw_endpoint_ops gw_endpoint_mqtt_ops;

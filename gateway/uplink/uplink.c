@@ -178,9 +178,11 @@ static uint64_t backoff_delay(struct gw_endpoint *ep) {
                 d = ep->conf_copy.retry_max_usec;
         uint32_t rnd = 0;
         (void) hub_random_bytes(&rnd, sizeof rnd);
-        /* ±25% jitter, so that many gateways do not reconnect in step. */
+        /* ±25% jitter, so that many gateways do not reconnect in step; never past retry.max,
+         * which is what bounds the time from the far side's return to the drain's start. */
         uint64_t span = d / 2;
-        return d - d / 4 + (span ? rnd % span : 0);
+        d = d - d / 4 + (span ? rnd % span : 0);
+        return MIN(d, ep->conf_copy.retry_max_usec);
 }
 
 void gw_endpoint_down(struct gw_endpoint *ep, int error, const char *why) {
@@ -201,6 +203,7 @@ void gw_endpoint_down(struct gw_endpoint *ep, int error, const char *why) {
                             "Endpoint %s: retry failed (%s: %m)", ep->name, ep->last_error);
         ep->state = EP_BACKOFF;
         ep->ops->disconnect(ep->t);
+        advance(ep); /* confirmations not yet taken by pump() */
         /* Everything unconfirmed is resent from the cursor on the next connection. */
         ring_clear(ep);
         ep->read_pos = ep->confirmed;
@@ -236,18 +239,26 @@ void gw_endpoint_confirm(struct gw_endpoint *ep, uint64_t seq, int result) {
                 gw_endpoint_down(ep, result, "the far side refused a message");
                 return;
         }
-        for (size_t i = 0; i < ep->ring_n; i++) {
-                struct inflight *f = ring_at(ep, i);
+        /* The ring is in ascending seq order: binary search for the entry (confirmations
+         * pile up at the front until pump() advances, so a scan would be quadratic). */
+        size_t lo = 0, hi = ep->ring_n;
+        while (lo < hi) {
+                size_t mid = lo + (hi - lo) / 2;
+                if (ring_at(ep, mid)->seq < seq)
+                        lo = mid + 1;
+                else
+                        hi = mid;
+        }
+        if (lo < ep->ring_n) {
+                struct inflight *f = ring_at(ep, lo);
                 if (f->seq == seq && !f->done) {
                         f->done = true;
                         ep->unconfirmed--;
                         ep->sent++;
-                        break;
                 }
-                if (f->seq > seq)
-                        break;
         }
-        advance(ep);
+        /* The cursor moves in pump(), once for every confirmation that arrived meanwhile (a
+         * transport confirms message by message; one cursor write covers them all). */
         schedule_pump(ep);
 }
 
@@ -291,6 +302,7 @@ static void pump(struct gw_endpoint *ep) {
                 return;
         }
         ep->in_pump = true;
+        advance(ep);
         while (ep->state == EP_UP && ep->unconfirmed < ep->conf_copy.inflight) {
                 struct hub_outbox_entry *es = NULL;
                 size_t n = 0, room = ep->conf_copy.inflight - ep->unconfirmed;

@@ -16,6 +16,7 @@ struct route {
         struct hub_condition *cond;
         uint64_t endpoints; /* set of endpoint indices */
         bool enabled;
+        bool always;        /* no condition, or the literal `true`: not evaluated per message */
 };
 
 enum enrich_kind { ENRICH_STATIC, ENRICH_HUB_NAME, ENRICH_TWIN };
@@ -38,6 +39,7 @@ struct hub_router {
         size_t n_endpoints;
         bool fallback_enabled;
         uint64_t fallback_endpoints;
+        uint64_t enriched;  /* endpoints that have at least one enrichment */
         bool needs_twin;
 };
 
@@ -192,6 +194,30 @@ static bool mentions_twin(const char *text) {
         return false;
 }
 
+/* Whether a condition text is empty or the literal `true` (any case, blanks and parentheses
+ * around it): such a route matches every message of its source without an evaluation. */
+static bool always_true(const char *text) {
+        size_t open = 0, close = 0;
+        const char *p = text ? text : "";
+        for (;; p++) {
+                if (*p == '(')
+                        open++;
+                else if (!(*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r'))
+                        break;
+        }
+        if (*p == 0)
+                return open == 0;
+        if (strncasecmp(p, "true", 4) != 0)
+                return false;
+        for (p += 4; *p; p++) {
+                if (*p == ')')
+                        close++;
+                else if (!(*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r'))
+                        return false;
+        }
+        return open == close;
+}
+
 int hub_router_add_route(struct hub_router *r, const struct hub_route_def *def, struct hub_query_error *err) {
         _cleanup_(hub_condition_freep) struct hub_condition *cond = NULL;
         uint64_t set;
@@ -225,6 +251,7 @@ int hub_router_add_route(struct hub_router *r, const struct hub_route_def *def, 
                 .cond = TAKE_PTR(cond),
                 .endpoints = set,
                 .enabled = def->enabled,
+                .always = always_true(def->condition),
         };
         if (def->enabled && mentions_twin(def->condition))
                 r->needs_twin = true;
@@ -305,6 +332,7 @@ int hub_router_add_enrichment(struct hub_router *r, const struct hub_enrichment_
                 .path = TAKE_PTR(path),
                 .endpoints = set,
         };
+        r->enriched |= set;
         if (kind == ENRICH_TWIN)
                 r->needs_twin = true;
         return 0;
@@ -348,7 +376,7 @@ uint64_t hub_router_route(const struct hub_router *r, struct hub_cond_ctx *ctx, 
                 const struct route *rt = &r->routes[i];
                 if (!rt->enabled || rt->source != src)
                         continue;
-                if (hub_condition_eval(rt->cond, ctx) == HUB_TRUE) {
+                if (rt->always || hub_condition_eval(rt->cond, ctx) == HUB_TRUE) {
                         set |= rt->endpoints;
                         matched++;
                 }
@@ -370,8 +398,8 @@ int hub_router_enrich(const struct hub_router *r, const char *endpoint, struct h
         int idx = hub_router_endpoint_index(r, endpoint), n = 0;
         if (!m)
                 return -EINVAL;
-        if (idx < 0)
-                return 0;
+        if (idx < 0 || !(r->enriched & (UINT64_C(1) << idx)))
+                return 0; /* nothing stamped: the message is as it was accepted, within the limit */
         for (size_t i = 0; i < r->n_enrich; i++) {
                 const struct enrichment *en = &r->enrich[i];
                 _cleanup_free_ char *text = NULL;

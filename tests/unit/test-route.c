@@ -234,7 +234,43 @@ static void test_enrich(void) {
         json_decref(twin);
 }
 
+/* Routes with no condition or the literal `true` match without an evaluation; anything that
+ * only looks like it is still evaluated. */
+static void test_always(void) {
+        static const struct {
+                const char *cond;
+                bool match;
+        } cases[] = {
+                { NULL, true },           { "", true },           { "true", true },         { " TRUE ", true },
+                { "((true))", true },     { "\ttrue\n", true },   { "false", false },       { "true AND false", false },
+                { "NOT true", false },    { "(true) AND false", false }, { "true OR false", true },
+                { "x = 'true'", false },  { "trueish = 1", false },
+        };
+        for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+                _cleanup_(hub_router_freep) struct hub_router *r = NULL;
+                unsigned matched = 0;
+                ASSERT_OK(hub_router_new("hub.example.net", &r));
+                add(r, "r1", HUB_ROUTE_SOURCE_DEVICE_MESSAGES, cases[i].cond, "ep", true);
+                add(r, "off", HUB_ROUTE_SOURCE_DEVICE_MESSAGES, cases[i].cond, "offep", false);
+                _cleanup_(hub_msg_unrefp) struct hub_msg *m = mkmsg("{}", NULL, NULL);
+                uint64_t set = route_of(r, m, NULL, &matched);
+                if (set != (cases[i].match ? bit(r, "ep") : bit(r, "events")))
+                        TEST_FAIL("condition \"%s\": set %llx", cases[i].cond ? cases[i].cond : "(none)",
+                                  (unsigned long long) set);
+                ASSERT_EQ(matched, cases[i].match ? 1u : 0u);
+                /* Still only its own source. */
+                ASSERT_OK(hub_msg_set_sys(m, HUB_SYS_MESSAGE_SOURCE, "twinChangeEvents"));
+                ASSERT_EQ(route_of(r, m, NULL, NULL), 0);
+                /* No enrichment for ep: the message is left as it is. */
+                struct hub_cond_ctx ctx = HUB_COND_CTX_INIT(m, NULL);
+                ASSERT_EQ(hub_router_enrich(r, "ep", m, &ctx), 0);
+                hub_cond_ctx_done(&ctx);
+                ASSERT_EQ(hub_msg_n_props(m), 0);
+        }
+}
+
 int main(void) {
+        TEST_RUN(test_always);
         TEST_RUN(test_names_sources);
         TEST_RUN(test_add_errors);
         TEST_RUN(test_routing);

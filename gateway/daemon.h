@@ -48,6 +48,7 @@ struct gw_daemon {
         sd_event_source *store_source;
         sd_event_source *watchdog_source;
         sd_event_source *housekeeping_source;
+        sd_event_source *trim_source; /* malloc_trim() every second */
         uint64_t watchdog_usec;     /* 0: no watchdog */
         bool store_stalled;
         bool heartbeat_pending;

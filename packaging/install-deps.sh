@@ -7,7 +7,7 @@ set -eu
 export DEBIAN_FRONTEND=noninteractive
 
 BUILD="build-essential meson ninja-build pkg-config
- libmodbus-dev libcoap3-dev libpaho-mqtt-dev libmbedtls-dev libyaml-dev libsystemd-dev
+ libmodbus-dev libcoap3-dev libpaho-mqtt-dev libmbedtls-dev libssl-dev libyaml-dev libsystemd-dev
  libsqlite3-dev libjansson-dev libqpid-proton11-dev libcurl4-openssl-dev libpcre2-dev libcbor-dev"
 TEST="clang llvm libclang-rt-14-dev systemd man-db sqlite3 openssl libssl-dev curl socat
  mosquitto mosquitto-clients libcoap3-bin python3 python3-paho-mqtt python3-pymodbus python3-serial-asyncio

@@ -7,15 +7,19 @@
  * which is freed again once it empties, so an idle connection holds no input buffer.
  *
  * Output: gw_net_conn_send() copies into a chain of chunks and writes at once what the socket
- * takes; the rest waits for EPOLLOUT. With TLS, a write that mbedtls answered with WANT_WRITE
- * must be repeated with the same length (mbedtls 2.28 keeps the encrypted record in its own
- * buffer and reports the length it was last given), so that length is remembered.
+ * takes; the rest waits for EPOLLOUT. With TLS, a write that the backend answered with
+ * WANT_WRITE must be repeated with the same length (both mbedtls 2.28 and OpenSSL keep the
+ * encrypted record in their own buffer and expect the same bytes again), so that length is
+ * remembered.
  *
  * Backpressure: above max_output_bytes queued, EPOLLIN is switched off (the peer's own TCP
  * window then stops it); below half of that, reading resumes. Input that was already
- * decrypted inside mbedtls when reading paused does not wake epoll again, so resuming
- * schedules a read through the listener's defer source; the same is done when a read budget
- * runs out with bytes still pending in mbedtls (mbedtls_ssl_get_bytes_avail). */
+ * decrypted inside the TLS library (or read ahead, tls.c) when reading paused does not wake
+ * epoll again, so resuming schedules a read through the listener's defer source; the same is
+ * done when a read budget runs out.
+ *
+ * TLS goes through the backend interface of net-internal.h (tls-openssl.c or tls-mbedtls.c):
+ * nothing here depends on the library. */
 
 #include <errno.h>
 #include <netinet/in.h>
@@ -24,9 +28,6 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
-
-#include <mbedtls/error.h>
-#include <mbedtls/net_sockets.h>
 
 #include "log.h"
 #include "net/net-internal.h"
@@ -118,21 +119,16 @@ void gw_conn_free(struct gw_net_conn *c) {
                 (void) close(c->fd);
         out_free_all(c);
         free(c->in);
-        if (c->ssl) {
-                mbedtls_ssl_free(c->ssl);
-                free(c->ssl);
-        }
+        gw_tls_conn_free(c);
         gw_tls_conn_forget(c);
         gw_tls_server_unref(c->tls);
         free(c->sni);
         free(c);
 }
 
-static void tls_fail(struct gw_net_conn *c, const char *what, int err) {
-        char buf[128];
-        gw_log_full(LOG_INFO, 0, NET_FIELDS, "%s: TLS %s failed: %s (-0x%04x)", c->peer, what,
-                    gw_tls_strerror(err, buf, sizeof(buf)), (unsigned) -err);
-        gw_conn_fail(c, -EPROTO);
+/* A TLS write failed (r: GW_TLS_EOF, _RESET or _FAILED, the latter already logged). */
+static void tls_write_failed(struct gw_net_conn *c, int r) {
+        gw_conn_fail(c, r == GW_TLS_FAILED ? -EPROTO : -ECONNRESET);
 }
 
 /* Starts a graceful close: no more reading, flush, close_notify, shutdown, linger. */
@@ -194,14 +190,14 @@ static int flush_output(struct gw_net_conn *c) {
 
                 if (c->ssl) {
                         size_t len = c->tls_write_pending ?: MIN(avail, (size_t) TLS_MAX_WRITE);
-                        int r = mbedtls_ssl_write(c->ssl, k->data + k->off, len);
-                        if (r == MBEDTLS_ERR_SSL_WANT_WRITE || r == MBEDTLS_ERR_SSL_WANT_READ) {
+                        int r = gw_tls_conn_write(c, k->data + k->off, len);
+                        if (r == GW_TLS_WANT_WRITE || r == GW_TLS_WANT_READ) {
                                 c->tls_write_pending = len;
-                                c->tls_want_write = r == MBEDTLS_ERR_SSL_WANT_WRITE;
+                                c->tls_want_write = r == GW_TLS_WANT_WRITE;
                                 break;
                         }
                         if (r < 0) {
-                                tls_fail(c, "write", r);
+                                tls_write_failed(c, r);
                                 return -EPROTO;
                         }
                         c->tls_write_pending = 0;
@@ -238,8 +234,8 @@ static int flush_output(struct gw_net_conn *c) {
 
 /* With nothing queued, writes straight from the caller's buffer (no chunk, no copy): TLS one
  * record per 16 KiB. Returns the bytes the socket took (the rest is for the queue), or < 0
- * when the connection failed. A TLS record that mbedtls answered with WANT_WRITE is already
- * encrypted inside mbedtls: those bytes are reported as not taken, so that they go to the
+ * when the connection failed. A TLS record that the backend answered with WANT_WRITE is already
+ * encrypted inside the TLS library: those bytes are reported as not taken, so that they go to the
  * head of the queue and the write is repeated with the same length (tls_write_pending). */
 static ssize_t write_direct(struct gw_net_conn *c, const uint8_t *p, size_t len) {
         size_t done = 0;
@@ -248,14 +244,14 @@ static ssize_t write_direct(struct gw_net_conn *c, const uint8_t *p, size_t len)
                 ssize_t n;
                 if (c->ssl) {
                         size_t k = MIN(len - done, (size_t) TLS_MAX_WRITE);
-                        int r = mbedtls_ssl_write(c->ssl, p + done, k);
-                        if (r == MBEDTLS_ERR_SSL_WANT_WRITE || r == MBEDTLS_ERR_SSL_WANT_READ) {
+                        int r = gw_tls_conn_write(c, p + done, k);
+                        if (r == GW_TLS_WANT_WRITE || r == GW_TLS_WANT_READ) {
                                 c->tls_write_pending = k;
-                                c->tls_want_write = r == MBEDTLS_ERR_SSL_WANT_WRITE;
+                                c->tls_want_write = r == GW_TLS_WANT_WRITE;
                                 break;
                         }
                         if (r < 0) {
-                                tls_fail(c, "write", r);
+                                tls_write_failed(c, r);
                                 return -EPROTO;
                         }
                         n = r;
@@ -378,24 +374,23 @@ static void read_input(struct gw_net_conn *c) {
                         return;
                 ssize_t n;
                 if (c->ssl) {
-                        int r = mbedtls_ssl_read(c->ssl, scratch, sizeof(scratch));
-                        if (r == MBEDTLS_ERR_SSL_WANT_READ)
+                        int r = gw_tls_conn_read(c, scratch, sizeof(scratch));
+                        if (r == GW_TLS_WANT_READ)
                                 return;
-                        if (r == MBEDTLS_ERR_SSL_WANT_WRITE) {
+                        if (r == GW_TLS_WANT_WRITE) {
                                 c->tls_want_write = true;
                                 return;
                         }
-                        if (r == MBEDTLS_ERR_SSL_PEER_CLOSE_NOTIFY || r == 0 ||
-                            r == MBEDTLS_ERR_SSL_CONN_EOF) {
+                        if (r == GW_TLS_EOF) {
                                 begin_drain(c, GW_NET_CLOSED_BY_PEER);
                                 return;
                         }
-                        if (r == MBEDTLS_ERR_NET_CONN_RESET) {
+                        if (r == GW_TLS_RESET) {
                                 gw_conn_fail(c, -ECONNRESET);
                                 return;
                         }
                         if (r < 0) {
-                                tls_fail(c, "read", r);
+                                gw_conn_fail(c, -EPROTO); /* logged by the backend */
                                 return;
                         }
                         n = r;
@@ -424,34 +419,33 @@ static void read_input(struct gw_net_conn *c) {
 }
 
 static void do_handshake(struct gw_net_conn *c) {
-        int r = mbedtls_ssl_handshake(c->ssl);
+        int r = gw_tls_conn_handshake(c);
         c->tls_want_read = c->tls_want_write = false;
-        if (r == MBEDTLS_ERR_SSL_WANT_READ) {
+        if (r == GW_TLS_WANT_READ) {
                 c->tls_want_read = true;
                 return;
         }
-        if (r == MBEDTLS_ERR_SSL_WANT_WRITE) {
+        if (r == GW_TLS_WANT_WRITE) {
                 c->tls_want_write = true;
                 return;
         }
         if (r < 0) {
-                if (r == MBEDTLS_ERR_SSL_CONN_EOF || r == MBEDTLS_ERR_NET_CONN_RESET) {
+                if (r == GW_TLS_EOF || r == GW_TLS_RESET) {
                         gw_log_full(LOG_DEBUG, 0, NET_FIELDS, "%s: closed during the TLS handshake", c->peer);
-                        gw_conn_fail(c, r == MBEDTLS_ERR_NET_CONN_RESET ? -ECONNRESET : -EPROTO);
+                        gw_conn_fail(c, r == GW_TLS_RESET ? -ECONNRESET : -EPROTO);
                         return;
                 }
-                tls_fail(c, "handshake", r);
+                gw_conn_fail(c, -EPROTO); /* logged by the backend */
                 return;
         }
 
-        c->verify_flags = mbedtls_ssl_get_peer_cert(c->ssl) ? mbedtls_ssl_get_verify_result(c->ssl) : UINT32_MAX;
         c->state = GW_CONN_OPEN;
         c->opened = true;
         uint64_t now = 0;
         (void) sd_event_now(c->l->event, CLOCK_MONOTONIC, &now);
         gw_listener_list_add(&c->l->idle_list, c, now);
         gw_log_full(LOG_DEBUG, 0, NET_FIELDS, "%s: TLS established (%s, %s)", c->peer,
-                    mbedtls_ssl_get_version(c->ssl), mbedtls_ssl_get_ciphersuite(c->ssl));
+                    gw_tls_conn_get_version(c), gw_tls_conn_get_ciphersuite(c));
         r = c->l->h.on_open ? c->l->h.on_open(c) : 0;
         if (r < 0 && c->state != GW_CONN_DEAD)
                 gw_conn_fail(c, r);
@@ -467,8 +461,9 @@ static void do_drain(struct gw_net_conn *c) {
                         return;
                 }
                 if (c->ssl && !c->close_notify_done) {
-                        int r = mbedtls_ssl_close_notify(c->ssl);
-                        if (r == MBEDTLS_ERR_SSL_WANT_WRITE || r == MBEDTLS_ERR_SSL_WANT_READ) {
+                        int r = gw_tls_conn_close_notify(c);
+                        if (r == GW_TLS_WANT_WRITE || r == GW_TLS_WANT_READ) {
+                                c->tls_want_read = r == GW_TLS_WANT_READ;
                                 update_events(c);
                                 return;
                         }
@@ -728,7 +723,7 @@ const char *gw_net_conn_get_sni(const struct gw_net_conn *c) {
 const mbedtls_x509_crt *gw_net_conn_get_peer_cert(const struct gw_net_conn *c) {
         if (!c->ssl || !c->opened)
                 return NULL;
-        return mbedtls_ssl_get_peer_cert(c->ssl);
+        return gw_tls_conn_get_peer_cert(c);
 }
 
 int gw_net_conn_get_peer_cert_der(const struct gw_net_conn *c, const uint8_t **ret_der, size_t *ret_len) {
@@ -749,5 +744,5 @@ uint32_t gw_net_conn_get_peer_cert_verify_flags(const struct gw_net_conn *c) {
 const char *gw_net_conn_get_ciphersuite(const struct gw_net_conn *c) {
         if (!c->ssl || !c->opened)
                 return NULL;
-        return mbedtls_ssl_get_ciphersuite(c->ssl);
+        return gw_tls_conn_get_ciphersuite(c);
 }

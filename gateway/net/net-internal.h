@@ -8,20 +8,14 @@
 
 #include <mbedtls/ctr_drbg.h>
 #include <mbedtls/pk.h>
-#include <mbedtls/ssl.h>
+#include <mbedtls/x509_crt.h>
 
 #include "net/net.h"
 
-struct gw_tls_server {
-        unsigned n_ref;
-        mbedtls_ssl_config conf;
-        mbedtls_ctr_drbg_context drbg;
-        mbedtls_x509_crt chain;
-        mbedtls_x509_crt client_ca;
-        mbedtls_pk_context key;
-        bool has_client_ca;
-        enum gw_tls_client_cert client_cert;
-};
+/* struct gw_tls_server and struct gw_tls_conn (one per TLS connection, c->ssl) are defined by
+ * the TLS backend chosen at build time (meson option tls_backend): tls-openssl.c (OpenSSL 3)
+ * or tls-mbedtls.c (mbedtls 2.28). conn.c drives them through the gw_tls_conn_* calls below. */
+struct gw_tls_conn;
 
 /* One source address and how many connections it has open (per-address limit). */
 struct gw_addr_count {
@@ -89,13 +83,13 @@ struct gw_net_conn {
         sd_event_source *io;
         uint32_t io_events;
 
-        mbedtls_ssl_context *ssl;
+        struct gw_tls_conn *ssl;   /* NULL for plain TCP */
         struct gw_tls_server *tls;
-        size_t tls_write_pending;  /* length of an mbedtls_ssl_write to be repeated */
+        size_t tls_write_pending;  /* length of a TLS write to be repeated (WANT_WRITE) */
         bool tls_want_read, tls_want_write;
         bool close_notify_done;
-        /* TLS read-ahead (tls.c): bytes received but not yet taken by mbedtls, which asks
-         * for a record header, then its body. ra points into the listener-wide buffer, or
+        /* TLS read-ahead (tls.c): bytes received but not yet taken by the TLS library, which
+         * asks for a record header, then its body. ra points into the listener-wide buffer, or
          * into ra_own once they had to be moved out of it. ra_drained: the last recv()
          * returned less than asked, so the socket is empty and the next read would only
          * say EAGAIN (epoll, level-triggered, reports anything newer). */
@@ -146,8 +140,56 @@ void gw_conn_timeout(struct gw_net_conn *c);
 void gw_conn_fail(struct gw_net_conn *c, int reason);
 void gw_conn_free(struct gw_net_conn *c);
 
-/* tls.c */
-int gw_tls_conn_setup(struct gw_net_conn *c);
+/* tls.c: backend-neutral parts. */
+
+/* Checks that cfg names readable files and a key file not accessible by others, then parses
+ * the chain, the key (with cfg->key_password), checks that they match, and the client CA
+ * bundle if any, with mbedtls (both backends accept exactly the same files). Returns 0 with
+ * *m filled (free it with gw_tls_material_free), or -errno after logging (see
+ * gw_tls_server_new). */
+struct gw_tls_material {
+        mbedtls_x509_crt chain;
+        mbedtls_pk_context key;
+        mbedtls_x509_crt client_ca;
+        bool has_client_ca;
+};
+int gw_tls_material_load(const struct gw_tls_server_config *cfg, struct gw_tls_material *m);
+void gw_tls_material_free(struct gw_tls_material *m);
+
+/* Read-ahead: one recv() into a buffer shared by all connections, the TLS library's reads
+ * served from there (see tls.c). Returns the bytes copied (> 0), 0 at EOF, -EAGAIN when the
+ * socket has nothing more now, -ECONNRESET, -ENOMEM or another -errno. */
+ssize_t gw_tls_ra_recv(struct gw_net_conn *c, void *buf, size_t len);
 /* Forgets the connection's read-ahead (it is being freed). */
 void gw_tls_conn_forget(struct gw_net_conn *c);
-const char *gw_tls_strerror(int err, char *buf, size_t size);
+
+/* The backend (tls-openssl.c or tls-mbedtls.c). The I/O calls return >= 0 on success or one
+ * of these; GW_TLS_FAILED has been logged by the backend ("<peer>: TLS <what> failed: ..."). */
+enum {
+        GW_TLS_WANT_READ = -1,  /* repeat when the socket is readable */
+        GW_TLS_WANT_WRITE = -2, /* repeat when the socket is writable (a write: same length) */
+        GW_TLS_EOF = -3,        /* close_notify or end of stream from the peer */
+        GW_TLS_RESET = -4,      /* connection reset by the peer */
+        GW_TLS_FAILED = -5,     /* protocol error, bad record, internal error */
+};
+/* Creates c->ssl for a new connection of c->tls. Returns 0 or -ENOMEM / -EIO. */
+int gw_tls_conn_setup(struct gw_net_conn *c);
+/* Frees c->ssl (accepts NULL) and sets it to NULL. */
+void gw_tls_conn_free(struct gw_net_conn *c);
+/* Drives the handshake. On completion returns 0 with c->verify_flags (the client certificate
+ * checked against the client CA bundle, mbedtls flags; UINT32_MAX without one) and c->sni set. */
+int gw_tls_conn_handshake(struct gw_net_conn *c);
+/* Decrypted bytes (> 0) into buf. */
+int gw_tls_conn_read(struct gw_net_conn *c, uint8_t *buf, size_t len);
+/* Encrypts and sends len (<= 16 KiB) bytes: returns len, or an error; after
+ * GW_TLS_WANT_WRITE / GW_TLS_WANT_READ repeat with the same length and bytes (the buffer may
+ * have moved). */
+int gw_tls_conn_write(struct gw_net_conn *c, const uint8_t *buf, size_t len);
+/* Sends close_notify: 0 when done (or failed: nothing more to say), or WANT_READ/WANT_WRITE. */
+int gw_tls_conn_close_notify(struct gw_net_conn *c);
+/* After the handshake: "TLSv1.2"; the suite in IANA form with dashes
+ * ("TLS-ECDHE-ECDSA-WITH-AES-128-GCM-SHA256", as mbedtls names them); the client's
+ * certificate (leaf, then the chain it sent, linked by ->next) or NULL. */
+const char *gw_tls_conn_get_version(const struct gw_net_conn *c);
+const char *gw_tls_conn_get_ciphersuite(const struct gw_net_conn *c);
+const mbedtls_x509_crt *gw_tls_conn_get_peer_cert(const struct gw_net_conn *c);

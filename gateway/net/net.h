@@ -16,9 +16,11 @@
  *    When the queue passes max_output_bytes the connection stops reading from the peer until
  *    it drains below half of that (a peer that does not read its responses cannot make us
  *    buffer without bound); past hard_max_output_bytes it is closed.
- *  - The TLS server (tls.c): mbedtls 2.28, TLS 1.2 only, AEAD suites with ECDHE, no session
- *    tickets and no session cache (see tls.c), an optional client-certificate request whose
- *    result (certificate and verify flags) is surfaced for the device layer to judge.
+ *  - The TLS server (tls.c, and the backend chosen at build time with the meson option
+ *    tls_backend: tls-openssl.c, OpenSSL 3, the default, or tls-mbedtls.c, mbedtls 2.28):
+ *    TLS 1.2 only, AEAD suites with ECDHE, no session tickets and no session cache, an
+ *    optional client-certificate request whose result (certificate as an mbedtls_x509_crt and
+ *    mbedtls verify flags, whatever the backend) is surfaced for the device layer to judge.
  *  - Certificates (cert.c): a local CA and a server certificate generated into the state
  *    directory when none is configured.
  *
@@ -56,7 +58,7 @@ struct gw_tls_server_config {
 };
 
 /* Loads the certificate chain and key, checks that they belong together and that the key
- * file is not readable or writable by others, and builds the shared mbedtls_ssl_config.
+ * file is not readable or writable by others, and builds the shared TLS configuration.
  * Returns 0 and a new server (one reference) in *ret, or -errno after logging the reason
  * (-ENOENT / -EACCES for files, -EPERM for a key file open to others, -EBADMSG for PEM that
  * does not parse, -EINVAL for a key that does not match the certificate). May block on file

@@ -106,6 +106,7 @@ PEER_PORTS=()
 for i in $(seq "$PEERS"); do
         port=$(free_port)
         taskset -c "$PEER_CPU" "$PEER" server "$port" > "$WORK/peer-$i.out" 2> "$WORK/peer-$i.err" & PIDS+=($!)
+        echo "$!" >> "$WORK/peer.pids"
         wait_port "$port" "$!" "bench-modbus-peer $i"
         PEER_PORTS+=("$port")
 done
@@ -203,7 +204,7 @@ GW_PID=$("$FIELDHUBCTL" --socket "$WORK/admin.sock" --json status | $PY -c 'impo
 
 # ---- the measurement ------------------------------------------------------------------------
 $PY - "$WORK" "$GW_PID" "$FIELDHUBCTL" "$WARMUP" "$DURATION" "$DEVICES" "$F32" "$U16" "$INTERVAL" "$MQ_PID" "$MQ_IDLE_KIB" "$PEERS" > "$WORK/summary.txt" <<'EOF' &
-import glob, json, math, os, re, subprocess, sys, time
+import glob, json, math, os, re, signal, subprocess, sys, time
 work, pid, ctl = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 warmup, duration = float(sys.argv[4]), float(sys.argv[5])
 devices, f32, u16, interval, mq_pid, mq_idle, peers = map(int, sys.argv[6:13])
@@ -223,6 +224,13 @@ def cpu(p):
     return (int(f[11]) + int(f[12])) / hz
 
 def peer_requests():
+    # A peer prints its request count when it gets SIGUSR1 (bench-modbus-peer.c).
+    for line in open(f"{work}/peer.pids"):
+        try:
+            os.kill(int(line), signal.SIGUSR1)
+        except (ValueError, ProcessLookupError):
+            pass
+    time.sleep(0.05)
     total = 0
     for path in glob.glob(f"{work}/peer-*.out"):
         last = 0

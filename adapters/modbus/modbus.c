@@ -730,7 +730,11 @@ static void poll_group(struct mb_line *l, struct adp_modbus_device *d, struct ad
                                             "\"pointsGood\":%zu,\"pointsBad\":%zu}}",
                                      rep->p ? rep->p : "", rep->len ? "," : "", ts, q ? q : "null", n_ok, n_bad) >= 0)
                                 post_event(a, EV_REPORT, d->id, body, NULL, 0, NULL, 0, 0);
-                        d->last_report = now;
+                        /* After the first report, each device keeps its own phase in the
+                         * interval (from its config hash): fifty devices started together do
+                         * not all rewrite their twins in the same second, every ten seconds. */
+                        uint64_t phase = d->last_report == 0 ? d->hash % REPORT_INTERVAL_USEC : 0;
+                        d->last_report = now > phase ? now - phase : 1;
                 }
                 d->last_err = first_err;
         }

@@ -179,18 +179,10 @@ static void jb_u64(struct jbuf *b, uint64_t v) {
         jb_put(b, t + i, sizeof t - i);
 }
 
-static bool is_json_message(const struct hub_msg *m) {
-        const char *ct = hub_msg_get_sys(m, HUB_SYS_CONTENT_TYPE);
-        const char *ce = hub_msg_get_sys(m, HUB_SYS_CONTENT_ENCODING);
-        if (!ct || strncasecmp(ct, "application/json", 16) != 0 || (ct[16] && ct[16] != ';' && ct[16] != ' '))
-                return false;
-        return !ce || strcasecmp(ce, "utf-8") == 0;
-}
-
 static void jb_body(struct jbuf *b, const struct hub_msg *m) {
         size_t len;
         const char *body = hub_msg_body(m, &len);
-        if (is_json_message(m)) {
+        if (gw_uplink_is_json_message(m)) {
                 json_t *v = json_loadb(body, len, JSON_DECODE_ANY, NULL);
                 if (v) {
                         size_t need = json_dumpb(v, NULL, 0, JSON_COMPACT | JSON_ENCODE_ANY);

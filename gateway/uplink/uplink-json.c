@@ -13,7 +13,7 @@
 #include "hub/msg.h"
 #include "uplink-json.h"
 
-static bool is_json_message(const struct hub_msg *m) {
+bool gw_uplink_is_json_message(const struct hub_msg *m) {
         const char *ct = hub_msg_get_sys(m, HUB_SYS_CONTENT_TYPE);
         const char *ce = hub_msg_get_sys(m, HUB_SYS_CONTENT_ENCODING);
         if (!ct || strncasecmp(ct, "application/json", 16) != 0 || (ct[16] && ct[16] != ';' && ct[16] != ' '))
@@ -24,7 +24,7 @@ static bool is_json_message(const struct hub_msg *m) {
 static json_t *body_json(const struct hub_msg *m, const char **ret_key) {
         size_t len;
         const char *b = hub_msg_body(m, &len);
-        if (is_json_message(m)) {
+        if (gw_uplink_is_json_message(m)) {
                 json_t *v = json_loadb(b, len, JSON_DECODE_ANY, NULL);
                 if (v) {
                         *ret_key = "body";

@@ -8,11 +8,17 @@
  * A body is emitted as JSON when the message says application/json (and UTF-8) and it parses;
  * as text when it is valid UTF-8; otherwise base64. */
 
+#include <stdbool.h>
 #include <stddef.h>
 
 #include <jansson.h>
 
 struct gw_ep_item;
+struct hub_msg;
+
+/* Whether the message's body is to be emitted as JSON: content type application/json (with
+ * parameters allowed) and no content encoding or UTF-8. */
+bool gw_uplink_is_json_message(const struct hub_msg *m);
 
 json_t *gw_uplink_item_to_json(const struct gw_ep_item *it, const char *endpoint);
 /* Compact text with one spare byte after the text (for a newline); *ret_len excludes it. */

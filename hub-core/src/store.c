@@ -7,10 +7,11 @@
  * queues write functions; one commit thread takes everything queued since its last commit
  * (the whole list, swapped under the mutex), runs it in one transaction with a SAVEPOINT per
  * write (except writes atomic by themselves, HUB_STORE_WRITE_SINGLE), commits, hands the
- * completions back, checkpoints the WAL when it has grown past its threshold (never inside a
- * commit), and immediately takes whatever arrived meanwhile. There is no timer: under
- * light load each write commits alone with the least latency, under heavy load batches grow
- * by themselves to the number of writes that arrive during one fsync.
+ * completions back, has the WAL checkpointed when it has grown past its threshold (never
+ * inside a commit, and mostly on a thread of its own: see "WAL checkpoints" below), and
+ * immediately takes whatever arrived meanwhile. There is no timer: under light load each
+ * write commits alone with the least latency, under heavy load batches grow by themselves to
+ * the number of writes that arrive during one fsync.
  *
  * Completions travel back through a "done" list and an eventfd, so the event loop runs
  * them on its own thread from hub_store_dispatch(). hub_store_submit_wait() is the blocking
@@ -18,7 +19,8 @@
  *
  * Connections: the writer connection is used by the opening thread until the commit thread
  * starts, then only by the commit thread, then again by the closing thread after the join.
- * The read-only connection belongs to the owner's thread. Both are opened NOMUTEX. */
+ * The checkpoint connection belongs to the checkpointer thread (see below). The read-only
+ * connection belongs to the owner's thread. All are opened NOMUTEX. */
 
 #include <errno.h>
 #include <fcntl.h>
@@ -89,13 +91,12 @@ struct hub_store {
         char *reserve_path;     /* see disk_full() */
         bool frozen;            /* commit thread: reserve released, database frozen at its size */
         uint64_t page_size, max_pages, autocheckpoint; /* the limits to restore after a thaw */
-        /* WAL checkpoints (commit thread): SQLite's auto-checkpoint is off; the WAL hook
-         * records the WAL's size in frames after each commit, and the commit thread runs a
-         * PASSIVE checkpoint between groups, after handing their completions back, when it
-         * reaches ckpt_frames (autocheckpoint, or a small value while frozen). So no commit
-         * (and no PUBACK waiting for one) pays for a checkpoint. */
-        uint64_t ckpt_frames;
-        uint64_t wal_frames;
+        /* WAL checkpoints: see wal_checkpoint_step(). Commit thread only: */
+        uint64_t ckpt_frames; /* threshold: autocheckpoint, or a small value while frozen */
+        uint64_t wal_frames;  /* the WAL's size in frames after the last commit (WAL hook) */
+        uint64_t wal_last;    /* the same, never reset by a checkpoint */
+        uint64_t wal_epoch;   /* counts the WAL's restarts (from its first frame) */
+        uint64_t wal_group;   /* frames the last commit added */
         bool unclean;
         bool opened; /* fully opened: close records a clean shutdown */
 
@@ -111,10 +112,13 @@ struct hub_store {
         size_t n_txn_cache;
         sqlite3 *wdb; /* writer: commit thread */
         sqlite3 *rdb; /* reader: owner's thread */
+        sqlite3 *cdb; /* checkpoints: checkpointer thread */
         int efd;
 
         pthread_t thread;
         bool thread_started;
+        pthread_t ckpt_thread;
+        bool ckpt_thread_started;
         bool lock_initialized;
 
         pthread_mutex_t lock;
@@ -126,6 +130,14 @@ struct hub_store {
         bool thread_exited;
         bool dirty; /* committed since the last idle WAL truncation */
         uint64_t commit_started; /* monotonic usec, 0 = no commit running */
+        /* The checkpointer thread's request and result (see wal_checkpoint_step()). */
+        pthread_cond_t ckpt_cond;
+        bool ckpt_pending;         /* requested or running */
+        bool ckpt_stopping;
+        uint64_t ckpt_req_epoch;   /* wal_epoch when requested */
+        bool ckpt_res_valid;       /* the last one succeeded in epoch ckpt_res_epoch ... */
+        uint64_t ckpt_res_epoch;
+        uint64_t ckpt_res_frames;  /* ... and the WAL's first this many frames are in the database */
         struct hub_store_stats stats;
 };
 
@@ -461,29 +473,58 @@ static void set_limits(struct hub_store *s, uint64_t max_pages, uint64_t autoche
         char sql[96];
         snprintf(sql, sizeof sql, "PRAGMA max_page_count = %llu", (unsigned long long) max_pages);
         (void) exec(s->wdb, sql);
-        s->ckpt_frames = autocheckpoint; /* see wal_checkpoint() */
+        s->ckpt_frames = autocheckpoint; /* see wal_checkpoint_step() */
 }
 
 /* Called by SQLite on the writer connection after each commit (replaces its
  * auto-checkpoint, which would run inside the COMMIT). */
 static int wal_hook(void *userdata, sqlite3 *db, const char *name, int n_frames) {
         struct hub_store *s = userdata;
+        uint64_t n = n_frames > 0 ? (uint64_t) n_frames : 0;
         (void) db;
         (void) name;
-        s->wal_frames = n_frames > 0 ? (uint64_t) n_frames : 0;
+        if (n < s->wal_last) {
+                s->wal_epoch++; /* this commit started the WAL over */
+                s->wal_group = n;
+        } else
+                s->wal_group = n - s->wal_last;
+        s->wal_last = s->wal_frames = n;
         return SQLITE_OK;
 }
 
-/* Between groups: a PASSIVE checkpoint once the WAL holds ckpt_frames frames, as SQLite's
- * auto-checkpoint would have run inside the last COMMIT. It never waits for readers; when
- * the loop's read connection holds an old snapshot, the rest is copied next time. The next
- * write transaction then starts the WAL over from its beginning (its file is cut back to
- * journal_size_limit). Commit thread only. */
-static void wal_checkpoint(struct hub_store *s) {
+/* ---- WAL checkpoints ------------------------------------------------------------------
+ *
+ * SQLite's auto-checkpoint is off (the WAL hook replaces it): it would run inside a COMMIT.
+ * A checkpoint of a WAL at its threshold copies thousands of pages and fsyncs the database
+ * file (tens of milliseconds), and no group may commit meanwhile on the same connection,
+ * so every PUBACK would wait for it. Instead the commit thread, between groups, asks the
+ * checkpointer thread for a PASSIVE checkpoint on a connection of its own; WAL mode lets it
+ * run while the commit thread goes on committing.
+ *
+ * Such a checkpoint copies the frames that existed when it started; the WAL only starts
+ * over from its beginning (and its file is cut back to journal_size_limit) when a write
+ * transaction begins with every frame copied. So when the checkpointer has copied all but a
+ * small tail (at most ckpt_frames / 128 frames, or what the last two groups added: another
+ * round could not do better), the commit thread copies that tail itself between two groups
+ * (a short pause instead of a long one), and the next group restarts the WAL. A larger tail
+ * gets another round on the checkpointer. Should the rounds not catch up (a slow disk), the
+ * WAL still stays within its share of the disk budget: at 1.5 times the threshold the commit
+ * thread waits for the round in progress and finishes by itself, as before the checkpointer
+ * existed. While the database is frozen (a full file system, see disk_full()) the WAL must
+ * stay within the released reserve: the commit thread checkpoints by itself. SQLITE_BUSY
+ * (the other connection is checkpointing) is normal, and a reader holding old frames only
+ * makes a checkpoint partial: the rest is copied next time.
+ *
+ * The watchdog (hub_store_healthy()) watches commits only: a long checkpoint on either
+ * thread does not make the store look stalled. The idle TRUNCATE checkpoint stays on the
+ * commit thread; while the checkpointer runs it fails with SQLITE_BUSY and is retried after
+ * the next idle second. */
+
+/* A PASSIVE checkpoint on the writer connection (commit thread, between groups). It never
+ * waits for readers. */
+static void wal_checkpoint_inline(struct hub_store *s) {
         int rc, n_log = 0, n_ckpt = 0;
 
-        if (s->ckpt_frames == 0 || s->wal_frames < s->ckpt_frames)
-                return;
         rc = sqlite3_wal_checkpoint_v2(s->wdb, NULL, SQLITE_CHECKPOINT_PASSIVE, &n_log, &n_ckpt);
         if (rc != SQLITE_OK && rc != SQLITE_BUSY) {
                 hub_log_debug(s->log, "store: WAL checkpoint: %s", sqlite3_errmsg(s->wdb));
@@ -491,8 +532,84 @@ static void wal_checkpoint(struct hub_store *s) {
         }
         s->wal_frames = 0; /* until the next commit says otherwise */
         pthread_mutex_lock(&s->lock);
+        s->ckpt_res_valid = false;
         s->stats.wal_checkpoints++;
         pthread_mutex_unlock(&s->lock);
+}
+
+/* Commit thread, between groups, after handing their completions back; called with s->lock
+ * held, which it may drop and retake. */
+static void wal_checkpoint_step(struct hub_store *s) {
+        uint64_t tail = MAX(MAX(s->ckpt_frames / 128, 2 * s->wal_group), 16u);
+        uint64_t hard = s->ckpt_frames + s->ckpt_frames / 2;
+
+        if (s->ckpt_frames == 0 || s->wal_frames < s->ckpt_frames)
+                return;
+        if (!s->frozen && s->ckpt_thread_started) {
+                if (s->ckpt_pending && s->wal_frames < hard)
+                        return; /* the checkpointer is at it */
+                /* The WAL's hard bound (its share of the disk budget): the checkpointer
+                 * does not catch up (a slow disk), wait for its round and finish here. */
+                while (s->ckpt_pending)
+                        pthread_cond_wait(&s->ckpt_cond, &s->lock);
+                if (s->wal_frames < hard && (!s->ckpt_res_valid || s->ckpt_res_epoch != s->wal_epoch ||
+                                             s->wal_frames > s->ckpt_res_frames + tail)) {
+                        /* (Another) round on the checkpointer. */
+                        s->ckpt_pending = true;
+                        s->ckpt_req_epoch = s->wal_epoch;
+                        pthread_cond_broadcast(&s->ckpt_cond);
+                        return;
+                }
+                /* Only a small tail is left: copy it here, so that the next group starts the
+                 * WAL over. */
+        }
+        pthread_mutex_unlock(&s->lock);
+        wal_checkpoint_inline(s);
+        pthread_mutex_lock(&s->lock);
+}
+
+static void *checkpoint_thread(void *userdata) {
+        struct hub_store *s = userdata;
+
+        pthread_mutex_lock(&s->lock);
+        for (;;) {
+                int rc, n_log = 0, n_ckpt = 0;
+                uint64_t epoch;
+
+                while (!s->ckpt_pending && !s->ckpt_stopping)
+                        pthread_cond_wait(&s->ckpt_cond, &s->lock);
+                if (s->ckpt_stopping)
+                        break;
+                epoch = s->ckpt_req_epoch;
+                pthread_mutex_unlock(&s->lock);
+
+                rc = sqlite3_wal_checkpoint_v2(s->cdb, NULL, SQLITE_CHECKPOINT_PASSIVE, &n_log, &n_ckpt);
+                if (rc != SQLITE_OK && rc != SQLITE_BUSY)
+                        hub_log_debug(s->log, "store: WAL checkpoint: %s", sqlite3_errmsg(s->cdb));
+
+                pthread_mutex_lock(&s->lock);
+                s->ckpt_pending = false;
+                s->ckpt_res_valid = rc == SQLITE_OK && n_ckpt >= 0;
+                s->ckpt_res_epoch = epoch;
+                s->ckpt_res_frames = n_ckpt > 0 ? (uint64_t) n_ckpt : 0;
+                if (rc == SQLITE_OK || rc == SQLITE_BUSY)
+                        s->stats.wal_checkpoints++;
+                pthread_cond_broadcast(&s->ckpt_cond); /* see wal_checkpoint_step() */
+        }
+        pthread_mutex_unlock(&s->lock);
+        return NULL;
+}
+
+/* Stops and joins the checkpointer thread (waits for a checkpoint in progress). */
+static void checkpoint_thread_stop(struct hub_store *s) {
+        if (!s->ckpt_thread_started)
+                return;
+        pthread_mutex_lock(&s->lock);
+        s->ckpt_stopping = true;
+        pthread_cond_broadcast(&s->ckpt_cond);
+        pthread_mutex_unlock(&s->lock);
+        (void) pthread_join(s->ckpt_thread, NULL);
+        s->ckpt_thread_started = false;
 }
 
 static void disk_full(struct hub_store *s) {
@@ -594,12 +711,8 @@ static void *commit_thread(void *userdata) {
                         /* EAGAIN only when the counter is saturated: it is readable anyway. */
                         (void) !write(s->efd, &one, sizeof one);
                 }
-                if (s->ckpt_frames && s->wal_frames >= s->ckpt_frames) {
-                        /* After the completions: no PUBACK waits for the checkpoint. */
-                        pthread_mutex_unlock(&s->lock);
-                        wal_checkpoint(s);
-                        pthread_mutex_lock(&s->lock);
-                }
+                /* After the completions: no PUBACK waits for a checkpoint. */
+                wal_checkpoint_step(s);
         }
         s->thread_exited = true;
         pthread_mutex_unlock(&s->lock);
@@ -993,6 +1106,8 @@ static void store_free(struct hub_store *s) {
                 (void) sqlite3_finalize(s->wstmt[i]);
         for (size_t i = 0; i < s->n_txn_cache; i++)
                 (void) sqlite3_finalize(s->txn_cache[i].st);
+        if (s->cdb)
+                (void) sqlite3_close(s->cdb);
         if (s->wdb)
                 (void) sqlite3_close(s->wdb);
         if (s->efd >= 0)
@@ -1004,6 +1119,7 @@ static void store_free(struct hub_store *s) {
                 free(w);
         }
         if (s->lock_initialized) {
+                pthread_cond_destroy(&s->ckpt_cond);
                 pthread_cond_destroy(&s->cond);
                 pthread_mutex_destroy(&s->lock);
         }
@@ -1184,6 +1300,19 @@ int hub_store_open(const struct hub_store_options *opts, struct hub_store **ret_
         (void) sqlite3_extended_result_codes(s->rdb, 1);
         (void) sqlite3_busy_timeout(s->rdb, STORE_BUSY_TIMEOUT_MS);
 
+        /* The checkpointer's connection: synchronous=FULL, so that its checkpoints fsync the
+         * WAL before copying it and the database file after. It never writes. */
+        rc = sqlite3_open_v2(s->path, &s->cdb, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL);
+        if (rc != SQLITE_OK) {
+                r = open_fail(opts, s->path, s->cdb, rc, "opening the checkpoint connection");
+                goto fail;
+        }
+        (void) sqlite3_extended_result_codes(s->cdb, 1);
+        (void) sqlite3_busy_timeout(s->cdb, STORE_BUSY_TIMEOUT_MS);
+        r = exec_pragma(opts, s->path, s->cdb, "PRAGMA synchronous = FULL", NULL);
+        if (r < 0)
+                goto fail;
+
         s->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
         if (s->efd < 0) {
                 r = -errno;
@@ -1200,11 +1329,25 @@ int hub_store_open(const struct hub_store_options *opts, struct hub_store **ret_
                 r = -ENOMEM;
                 goto fail;
         }
+        if (pthread_cond_init(&s->ckpt_cond, NULL) != 0) {
+                pthread_cond_destroy(&s->cond);
+                pthread_mutex_destroy(&s->lock);
+                r = -ENOMEM;
+                goto fail;
+        }
         s->lock_initialized = true;
+
+        r = -pthread_create(&s->ckpt_thread, NULL, checkpoint_thread, s);
+        if (r < 0) {
+                set_err(opts, "cannot start the store's checkpointer thread: %s", strerror(-r));
+                goto fail;
+        }
+        s->ckpt_thread_started = true;
 
         r = -pthread_create(&s->thread, NULL, commit_thread, s);
         if (r < 0) {
                 set_err(opts, "cannot start the store's commit thread: %s", strerror(-r));
+                checkpoint_thread_stop(s);
                 goto fail;
         }
         s->thread_started = true;
@@ -1235,6 +1378,12 @@ struct hub_store *hub_store_close(struct hub_store *s) {
                 pthread_mutex_unlock(&s->lock);
                 (void) pthread_join(s->thread, NULL);
                 s->thread_started = false;
+        }
+        /* No new requests now; a checkpoint in progress completes first. */
+        checkpoint_thread_stop(s);
+        if (s->cdb) {
+                (void) sqlite3_close(s->cdb);
+                s->cdb = NULL;
         }
         /* Completions of the drained writes; new submissions now fail with -ESHUTDOWN. */
         (void) hub_store_dispatch(s);

@@ -8,7 +8,12 @@
  * hub_store_dispatch() (the completions = the PUBACKs), and calls hub_outbox_gc() about
  * once a second.
  *
- *     store-ingest [-n 200000] [-p 256] [-w 1600] [-b 64] [-d /var/tmp] [-e 2] [-s BYTES] [-k]
+ *     store-ingest [-n 200000] [-p 256] [-w 1600] [-b 64] [-d /var/tmp] [-e 2] [-s BYTES] [-r RATE] [-k]
+ *
+ * -r paces the publishes at RATE messages per second (default: as fast as the window
+ * allows, i.e. saturation). Either way, the latency of every message from its append to its
+ * completion (= publish -> PUBACK inside the daemon) is recorded, and its p50 / p99 / p99.9 /
+ * max are printed (completions run in submission order).
  *
  * -s gives the store a disk budget and, as the daemon does, the events endpoint a quarter
  * of it as its drop-oldest capacity (use it with -e 0: route endpoints that never
@@ -55,11 +60,17 @@
 
 struct bench {
         uint64_t in_flight, completed, failed;
+        double *sent_at; /* monotonic send time of each message */
+        double *latency; /* its completion latency, in completion order */
 };
+
+static double now_sec(clockid_t id);
 
 static void append_done(int result, uint64_t seq, void *ud) {
         struct bench *b = ud;
         (void) seq;
+        uint64_t i = b->completed + b->failed;
+        b->latency[i] = now_sec(CLOCK_MONOTONIC) - b->sent_at[i];
         b->in_flight--;
         if (result < 0)
                 b->failed++;
@@ -147,9 +158,19 @@ static int make_msg(const uint8_t *payload, size_t len, unsigned dev, struct hub
         return 0;
 }
 
+static int cmp_double(const void *a, const void *b) {
+        double x = *(const double *) a, y = *(const double *) b;
+        return x < y ? -1 : x > y;
+}
+
+static double pct(const double *sorted, uint64_t n, double p) {
+        uint64_t i = (uint64_t) (p * (double) (n - 1) + 0.5);
+        return sorted[MIN(i, n - 1)];
+}
+
 static void usage(void) {
         fprintf(stderr, "usage: store-ingest [-n messages] [-p payload] [-w window] [-b burst] [-d dir] "
-                        "[-e endpoints] [-s store-budget-bytes] [-k]\n");
+                        "[-e endpoints] [-s store-budget-bytes] [-r msgs-per-s] [-k]\n");
 }
 
 static void rm_rf(const char *dir) {
@@ -166,6 +187,7 @@ static void rm_rf(const char *dir) {
 
 int main(int argc, char **argv) {
         uint64_t n = 200000, window = 1600, burst = 64, budget = 0;
+        double pace = 0; /* messages per second, 0 = unpaced */
         size_t payload = 256;
         unsigned n_eps = 2;
         const char *base = "/var/tmp";
@@ -176,7 +198,7 @@ int main(int argc, char **argv) {
         struct bench b = { 0 };
         int opt, r;
 
-        while ((opt = getopt(argc, argv, "n:p:w:b:d:e:s:kh")) != -1)
+        while ((opt = getopt(argc, argv, "n:p:w:b:d:e:s:r:kh")) != -1)
                 switch (opt) {
                 case 'n': n = strtoull(optarg, NULL, 10); break;
                 case 'p': payload = strtoull(optarg, NULL, 10); break;
@@ -185,10 +207,11 @@ int main(int argc, char **argv) {
                 case 'd': base = optarg; break;
                 case 'e': n_eps = (unsigned) strtoul(optarg, NULL, 10); break;
                 case 's': budget = strtoull(optarg, NULL, 10); break;
+                case 'r': pace = strtod(optarg, NULL); break;
                 case 'k': keep = true; break;
                 default: usage(); return 2;
                 }
-        if (n == 0 || window == 0 || burst == 0 || payload > HUB_MSG_D2C_MAX_SIZE) {
+        if (n == 0 || window == 0 || burst == 0 || payload > HUB_MSG_D2C_MAX_SIZE || pace < 0) {
                 usage();
                 return 2;
         }
@@ -235,6 +258,10 @@ int main(int argc, char **argv) {
                 return 1;
         for (size_t i = 0; i < payload; i++)
                 body[i] = (uint8_t) ('a' + i % 26);
+        b.sent_at = calloc(n, sizeof *b.sent_at);
+        b.latency = calloc(n, sizeof *b.latency);
+        if (!b.sent_at || !b.latency)
+                return 1;
 
         struct hub_store_stats s0, s1;
         hub_store_get_stats(store, &s0);
@@ -246,8 +273,14 @@ int main(int argc, char **argv) {
         CALLGRIND_START_INSTRUMENTATION;
         while (b.completed + b.failed < n) {
                 /* A burst of publishes read from the sockets, within the in-flight window. */
-                for (uint64_t k = 0; k < burst && sent < n && b.in_flight < window; k++) {
+                uint64_t due = n;
+                if (pace > 0) {
+                        double el = now_sec(CLOCK_MONOTONIC) - t0;
+                        due = MIN(n, (uint64_t) (el * pace) + 1);
+                }
+                for (uint64_t k = 0; k < burst && sent < due && b.in_flight < window; k++) {
                         struct hub_msg *m = NULL;
+                        b.sent_at[sent] = now_sec(CLOCK_MONOTONIC);
                         r = make_msg(body, payload, (unsigned) (sent % N_DEVICES), &m);
                         if (r >= 0) {
                                 r = hub_outbox_append(ob, m, append_done, &b);
@@ -263,7 +296,14 @@ int main(int argc, char **argv) {
                 /* Then the loop polls: blocks only when nothing else could be done. */
                 struct pollfd p = { .fd = hub_store_get_fd(store), .events = POLLIN };
                 bool can_send = sent < n && b.in_flight < window;
-                if (poll(&p, 1, can_send ? 0 : 1000) < 0 && errno != EINTR) {
+                struct timespec tmo = { .tv_sec = can_send ? 0 : 1 };
+                if (can_send && pace > 0) {
+                        /* Sleep until the next message is due (or a completion arrives). */
+                        double wait = t0 + (double) sent / pace - now_sec(CLOCK_MONOTONIC);
+                        if (wait > 0)
+                                tmo.tv_nsec = (long) (MIN(wait, 0.999) * 1e9);
+                }
+                if (ppoll(&p, 1, &tmo, NULL) < 0 && errno != EINTR) {
                         fprintf(stderr, "poll: %m\n");
                         return 1;
                 }
@@ -288,6 +328,9 @@ int main(int argc, char **argv) {
         hub_outbox_get_stats(ob, &os);
 
         uint64_t commits = s1.commits - s0.commits;
+        qsort(b.latency, n, sizeof *b.latency, cmp_double);
+        double l50 = pct(b.latency, n, 0.50) * 1e3, l99 = pct(b.latency, n, 0.99) * 1e3,
+               l999 = pct(b.latency, n, 0.999) * 1e3, lmax = b.latency[n - 1] * 1e3;
         double secs = t1 - t0;
         double rate = (double) n / secs;
         fprintf(stderr,
@@ -303,13 +346,22 @@ int main(int argc, char **argv) {
                 cpu1 - cpu0, (cpu1 - cpu0) * 1e6 / (double) n, other1 - other0, (other1 - other0) * 1e6 / (double) n,
                 rss0, rss1, (double) (rss1 - rss0) * 1024.0 / (double) n, hwm, s1.wal_bytes, s1.db_bytes,
                 os.stored_count);
+        fprintf(stderr,
+                "  append->completion latency: p50 %.2f ms, p99 %.2f ms, p99.9 %.2f ms, max %.2f ms; WAL checkpoints %" PRIu64
+                "\n",
+                l50, l99, l999, lmax, s1.wal_checkpoints - s0.wal_checkpoints);
         printf("RESULT {\"messages\":%" PRIu64 ",\"payload\":%zu,\"window\":%" PRIu64 ",\"seconds\":%.3f,"
                "\"msgs_per_s\":%.0f,\"commits\":%" PRIu64 ",\"msgs_per_commit\":%.1f,\"main_cpu_us_per_msg\":%.2f,"
-               "\"commit_cpu_us_per_msg\":%.2f,\"rss_kib_before\":%ld,\"rss_kib_after\":%ld,\"failed\":%" PRIu64 "}\n",
+               "\"commit_cpu_us_per_msg\":%.2f,\"rss_kib_before\":%ld,\"rss_kib_after\":%ld,\"failed\":%" PRIu64
+               ",\"rate\":%.0f,\"lat_p50_ms\":%.3f,\"lat_p99_ms\":%.3f,\"lat_p999_ms\":%.3f,\"lat_max_ms\":%.3f,"
+               "\"wal_checkpoints\":%" PRIu64 "}\n",
                n, payload, window, secs, rate, commits, commits ? (double) n / (double) commits : 0.0,
-               (cpu1 - cpu0) * 1e6 / (double) n, (other1 - other0) * 1e6 / (double) n, rss0, rss1, b.failed);
+               (cpu1 - cpu0) * 1e6 / (double) n, (other1 - other0) * 1e6 / (double) n, rss0, rss1, b.failed, pace, l50, l99, l999, lmax,
+               s1.wal_checkpoints - s0.wal_checkpoints);
 
         free(body);
+        free(b.sent_at);
+        free(b.latency);
         hub_outbox_free(ob);
         hub_store_close(store);
         if (!keep)

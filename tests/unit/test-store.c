@@ -926,6 +926,83 @@ static void test_wal_checkpoint_between_groups(void) {
         hub_store_close(s);
 }
 
+/* The checkpointer thread: a stream of groups (an in-flight window, as the MQTT front-end
+ * keeps one) never stops for long while the WAL is checkpointed on the other connection;
+ * the WAL still stays within its share of the budget and starts over, the checkpoints are
+ * counted, and a close with a checkpoint possibly in progress is clean and loses nothing. */
+struct ckpt_stream {
+        unsigned in_flight, ok, failed;
+};
+
+struct ckpt_stream_write {
+        const char *sql;
+        struct ckpt_stream *c;
+};
+
+static int ckpt_stream_write(struct hub_store_txn *txn, void *userdata) {
+        struct ckpt_stream_write *w = userdata;
+        return txn_exec(txn, w->sql);
+}
+
+static void ckpt_stream_done(int result, void *userdata) {
+        struct ckpt_stream *c = ((struct ckpt_stream_write *) userdata)->c;
+        c->in_flight--;
+        if (result < 0)
+                c->failed++;
+        else
+                c->ok++;
+}
+
+static void test_wal_checkpointer_stream(void) {
+        const char *dir = new_state_dir("walstream");
+        struct hub_store *s = NULL;
+        struct hub_store_stats st;
+        struct ckpt_stream c = { 0 };
+        struct hub_store_options o = { .dir = dir, .clock = &fake.clock, .errbuf = errbuf,
+                                       .errbuf_size = sizeof errbuf, .max_size = 8 * 1024 * 1024 };
+        uint64_t max_wal = 0;
+        unsigned sent = 0, deletes = 0;
+        const unsigned n = 3000;
+        struct ckpt_stream_write ins = { "INSERT INTO w VALUES (randomblob(3000))", &c },
+                                 del = { "DELETE FROM w; UPDATE total SET n = n + 1", &c };
+
+        ASSERT_OK(hub_store_open(&o, &s));
+        wait_sql(s, "CREATE TABLE w (data BLOB)");
+        wait_sql(s, "CREATE TABLE total (n INTEGER)");
+        wait_sql(s, "INSERT INTO total VALUES (0)");
+        /* Budget 8 MiB: WAL share 2 MiB, checkpoint at 1 MiB (256 pages). */
+        while (c.ok + c.failed < n) {
+                while (sent < n && c.in_flight < 16) {
+                        deletes += sent % 100 == 99;
+                        ASSERT_OK(hub_store_submit(s, ckpt_stream_write, ckpt_stream_done,
+                                                   sent % 100 == 99 ? &del : &ins));
+                        sent++;
+                        c.in_flight++;
+                }
+                struct pollfd p = { .fd = hub_store_get_fd(s), .events = POLLIN };
+                ASSERT_TRUE(poll(&p, 1, 10000) == 1);
+                (void) hub_store_dispatch(s);
+                hub_store_get_stats(s, &st);
+                max_wal = MAX(max_wal, st.wal_bytes);
+        }
+        hub_store_get_stats(s, &st);
+        fprintf(stderr, "  wal_checkpoints=%llu max wal=%llu db=%llu commits=%llu\n",
+                (unsigned long long) st.wal_checkpoints, (unsigned long long) max_wal,
+                (unsigned long long) st.db_bytes, (unsigned long long) st.commits);
+        ASSERT_EQ(c.failed, 0u);
+        ASSERT_TRUE(st.wal_checkpoints >= 4);
+        ASSERT_TRUE(max_wal <= 2 * 1024 * 1024 + 64 * 1024);
+        ASSERT_TRUE(hub_store_healthy(s, hub_clock_mono(&fake.clock)));
+        hub_store_close(s);
+
+        ASSERT_OK(open_store_ex(dir, &fake.clock, true, NULL, NULL, 0, &s));
+        ASSERT_TRUE(!hub_store_was_unclean(s));
+        sqlite3 *r = hub_store_read_db(s);
+        ASSERT_EQ(query_int(r, "SELECT n FROM total"), (int64_t) deletes);
+        ASSERT_EQ(query_int(r, "SELECT count(*) FROM w"), (int64_t) (n - deletes * 100));
+        hub_store_close(s);
+}
+
 /* A store written with schema 4 (the outbox's per-device index) migrates to 5. */
 static void test_migrate_v4_to_v5(void) {
         const char *dir = new_state_dir("v4");
@@ -960,6 +1037,7 @@ int main(void) {
         TEST_RUN(test_failing_write_in_batch);
         TEST_RUN(test_single_writes);
         TEST_RUN(test_wal_checkpoint_between_groups);
+        TEST_RUN(test_wal_checkpointer_stream);
         TEST_RUN(test_migrate_v4_to_v5);
         TEST_RUN(test_disk_full);
         TEST_RUN(test_healthy);

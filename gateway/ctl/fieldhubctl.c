@@ -128,8 +128,9 @@ static const struct usage usages[] = {
                     "    Consistent online copy of the store into FILE (mode 0600). Admin socket only." },
         { "restore", "restore FILE [--state-dir DIR | --config FILE] [--force]\n"
                      "    Install a backup as the store. Only while fieldhubd is stopped." },
-        { "monitor-events", "monitor-events [--device ID] [--properties] [--timeout T]\n"
-                            "    Print the hub's events as they arrive. Admin socket only." },
+        { "monitor-events", "monitor-events [--device ID] [--properties] [--timeout T] [--after SEQ]\n"
+                            "    Print the hub's events as they arrive; --after replays those kept after that\n"
+                            "    sequence number first (0: every event still kept). Admin socket only." },
         {},
 };
 
@@ -2048,12 +2049,14 @@ static int cmd_monitor(int argc, char **argv) {
                 { "device", required_argument, NULL, 'd' },
                 { "properties", no_argument, NULL, 'p' },
                 { "timeout", required_argument, NULL, 't' },
+                { "after", required_argument, NULL, 'a' },
                 { "help", no_argument, NULL, 'h' },
                 {},
         };
         const char *dev = NULL;
         bool props = false;
         long timeout = 0;
+        json_int_t after = -1;
         int c, r;
         optind = 0;
         while ((c = getopt_long(argc, argv, "", opts, NULL)) >= 0) {
@@ -2065,6 +2068,15 @@ static int cmd_monitor(int argc, char **argv) {
                         if (r)
                                 return r;
                         break;
+                case 'a': {
+                        char *end;
+                        errno = 0;
+                        unsigned long long v = strtoull(optarg, &end, 10);
+                        if (errno || end == optarg || *end || optarg[0] == '-' || v > INT64_MAX)
+                                return usage_fail("monitor-events: --after: expected a sequence number, got \"%s\"", optarg);
+                        after = (json_int_t) v;
+                        break;
+                }
                 case 'h': return help_cmd("monitor-events"), 0;
                 default: return EXIT_USAGE;
                 }
@@ -2080,6 +2092,8 @@ static int cmd_monitor(int argc, char **argv) {
                 return fail("cannot reach fieldhubd at %s: %s (is it running?)", arg_socket, strerror(-r));
         _cleanup_(gw_admin_reader_done) struct gw_admin_reader rd = { 0 };
         json_t *req = json_pack("{s:s, s:{s:s?}}", "cmd", "monitor-events", "args", "device", dev);
+        if (req && after >= 0)
+                json_object_set_new(json_object_get(req, "args"), "after", json_integer(after));
         r = gw_admin_send(fd, req, -1);
         json_decref(req);
         json_t *j = NULL;
@@ -2124,6 +2138,10 @@ static int cmd_monitor(int argc, char **argv) {
                 }
                 if (!props)
                         json_object_del(ev, "properties");
+                else
+                        /* As az iot hub monitor-events --props all: the stream position, for --after. */
+                        json_object_set_new(ev, "annotations",
+                                            json_pack("{s:O?}", "x-opt-sequence-number", json_object_get(j, "seq")));
                 json_t *out = json_pack("{s:O}", "event", ev);
                 /* --json: one compact event per line, for scripts. */
                 char *line = json_dumps(out, (arg_json ? JSON_COMPACT : JSON_INDENT(2)) | JSON_ENCODE_ANY);

@@ -372,7 +372,8 @@ static int monitor_pump(struct admin_conn *c) {
                         return r;
                 for (size_t i = 0; i < n; i++) {
                         json_t *ev = event_to_json(&e[i]);
-                        json_t *line = ev ? json_pack("{s:b, s:O}", "ok", 1, "event", json_object_get(ev, "event")) : NULL;
+                        json_t *line = ev ? json_pack("{s:b, s:O, s:O}", "ok", 1, "event", json_object_get(ev, "event"), "seq",
+                                                    json_object_get(ev, "seq")) : NULL;
                         json_decref(ev);
                         r = line ? queue_reply(c, line) : -ENOMEM;
                         json_decref(line);

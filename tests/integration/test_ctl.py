@@ -300,6 +300,22 @@ def test_monitor_events():
     assert "Starting event monitor" in err_one
     assert '"origin": "dev2"' in out_one and '"origin": "dev1"' not in out_one and '"properties": {' not in \
         out_one.split('"payload"')[0], out_one
+    # --after replays what the stream holds after a position: from the first event's position,
+    # exactly the second one; from 0, both (and nothing new arrives within the timeout).
+    seqs = [ev["annotations"]["x-opt-sequence-number"] for ev in events]
+    assert all(isinstance(s, int) for s in seqs) and seqs[0] < seqs[1], seqs
+    replay = lambda after: [json.loads(line)["event"] for line in subprocess.run(
+        [FIELDHUBCTL, "--socket", f"{d}/admin.sock", "monitor-events", "--timeout", "2s", "--json", "--properties",
+         "--after", str(after)], capture_output=True, text=True, env=e, timeout=30, check=True).stdout.splitlines()]
+    assert [ev["annotations"]["x-opt-sequence-number"] for ev in replay(seqs[0])] == seqs[1:]
+    # From 0: everything kept, in order, the device creations' lifecycle events before them.
+    full = replay(0)
+    full_seqs = [ev["annotations"]["x-opt-sequence-number"] for ev in full]
+    assert full_seqs == sorted(full_seqs) and full_seqs[-2:] == seqs and len(full) > 2, full
+    assert {ev["properties"]["system"].get("iothub-message-source") for ev in full[:-2]} == \
+        {"deviceLifecycleEvents"}, full
+    p = c("monitor-events", "--after", "-1", expect_rc=64)
+    assert "--after: expected a sequence number" in p.stderr, p.stderr
     p = c("--hub", "127.0.0.1:1", "--connection-string", hub.connection_string(), "monitor-events", expect_rc=1)
     assert "only over the admin socket" in p.stderr, p.stderr
     hub.stop()

@@ -137,7 +137,9 @@ EOF
 start_fieldhub() {
         $PRIO taskset -c "$SERVER_CPU" "$FIELDHUBD" --config "$WORK/fieldhub.yaml" 2>>"$WORK/fieldhubd.log" &
         FH_PID=$!
-        for _ in $(seq 200); do
+        # A restart reads the events stream's index back: ~0.3 s per million retained messages,
+        # and the saturation runs leave tens of millions behind.
+        for _ in $(seq 1800); do
                 [ -S "$WORK/admin.sock" ] && python3 - "$WORK/admin.sock" <<'EOF' 2>/dev/null && return 0
 import json, socket, sys
 s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])

@@ -2,6 +2,10 @@
 
 /* One non-blocking connection, plain or TLS, on the sd-event loop.
  *
+ * Readiness: the socket is in its listener's private epoll set (l->epfd, level-triggered,
+ * epoll_event.data.ptr = the connection); that set is one sd-event io source, whose dispatch
+ * runs gw_conn_io() for every ready connection of a batch (listener.c, on_poll).
+ *
  * Input: bytes are read (and decrypted) into one static scratch buffer and handed straight to
  * on_data; only what the front-end leaves unconsumed is copied into a per-connection buffer,
  * which is freed again once it empties, so an idle connection holds no input buffer.
@@ -26,6 +30,7 @@
 #include <netinet/tcp.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -70,10 +75,20 @@ static void update_events(struct gw_net_conn *c) {
         case GW_CONN_DEAD:
                 return;
         }
-        if (ev != c->io_events) {
-                if (sd_event_source_set_io_events(c->io, ev) >= 0)
+        if (ev != c->io_events && c->io_registered) {
+                struct epoll_event e = { .events = ev, .data.ptr = c };
+                if (epoll_ctl(c->l->epfd, EPOLL_CTL_MOD, c->fd, &e) >= 0)
                         c->io_events = ev;
         }
+}
+
+/* Takes the socket out of the listener's epoll set (before it is closed). */
+static void io_unregister(struct gw_net_conn *c) {
+        if (!c->io_registered)
+                return;
+        if (c->fd >= 0)
+                (void) epoll_ctl(c->l->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+        c->io_registered = false;
 }
 
 static void set_reason(struct gw_net_conn *c, int reason) {
@@ -99,7 +114,7 @@ void gw_conn_fail(struct gw_net_conn *c, int reason) {
                 return;
         set_reason(c, reason);
         c->state = GW_CONN_DEAD;
-        c->io = sd_event_source_disable_unref(c->io);
+        io_unregister(c);
         if (c->fd >= 0) {
                 (void) close(c->fd);
                 c->fd = -EBADF;
@@ -113,8 +128,7 @@ void gw_conn_fail(struct gw_net_conn *c, int reason) {
 void gw_conn_free(struct gw_net_conn *c) {
         if (!c)
                 return;
-        if (c->io)
-                sd_event_source_disable_unref(c->io);
+        io_unregister(c);
         if (c->fd >= 0)
                 (void) close(c->fd);
         out_free_all(c);
@@ -518,12 +532,14 @@ static void conn_process(struct gw_net_conn *c) {
                 update_events(c);
 }
 
-static int on_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
-        struct gw_net_conn *c = userdata;
+void gw_conn_io(struct gw_net_conn *c, uint32_t revents) {
+        /* Closed by an earlier connection of the same batch: the event is stale (the memory
+         * stays valid until the defer source delivers on_close, after the batch). */
+        if (c->state == GW_CONN_DEAD)
+                return;
         if (c->lazy_in && (revents & EPOLLIN))
                 c->lazy_in = false; /* input while paused: stop polling for it (update_events) */
         conn_process(c);
-        return 0;
 }
 
 void gw_conn_run_pending(struct gw_net_conn *c, unsigned flags) {
@@ -570,16 +586,19 @@ int gw_conn_new(struct gw_net_listener *l, int fd, const struct sockaddr_storage
 
         c->state = l->tls ? GW_CONN_HANDSHAKE : GW_CONN_OPEN;
         c->io_events = EPOLLIN;
-        r = sd_event_add_io(l->event, &c->io, fd, EPOLLIN, on_io, c);
-        if (r < 0) {
+        struct epoll_event e = { .events = EPOLLIN, .data.ptr = c };
+        if (epoll_ctl(l->epfd, EPOLL_CTL_ADD, fd, &e) < 0) {
+                r = -errno;
                 c->fd = -EBADF;
                 gw_conn_free(c);
                 return r;
         }
+        c->io_registered = true;
         if (l->tls) {
                 c->tls = gw_tls_server_ref(l->tls);
                 r = gw_tls_conn_setup(c);
                 if (r < 0) {
+                        io_unregister(c);
                         c->fd = -EBADF; /* the caller closes it */
                         gw_conn_free(c);
                         return r;

@@ -17,7 +17,18 @@
  *
  * Deferred work (re-reading after a pause, flushing after a graceful close request, and
  * on_close delivery) goes through one defer source per listener, so that on_close is never
- * called from inside a front-end's own call into this layer. */
+ * called from inside a front-end's own call into this layer.
+ *
+ * Readiness: the connections' sockets are not sd-event sources each but sit in one private
+ * epoll set per listener (level-triggered), which is a single io source on the loop. sd-event
+ * dispatches one source per loop iteration and its epoll_wait re-polls every ready
+ * level-triggered descriptor each time, so with one source per connection the kernel work per
+ * dispatched event grew with the number of ready connections; here one dispatch takes up to
+ * POLL_BATCH ready connections with one epoll_wait and handles them all (the set stays readable
+ * while more are ready, so the rest follow on the next iteration). Connections are only freed
+ * by the defer source (on_close, after the batch) or gw_net_listener_free, which stops a
+ * running batch (batch_alive); a connection closed by a handler earlier in the same batch
+ * is DEAD and its stale event is ignored (gw_conn_io). */
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -25,6 +36,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -43,6 +55,7 @@
 #define ACCEPT_BUDGET 64
 #define ACCEPT_RETRY_USEC (100ULL * 1000ULL)
 #define TIMER_ACCURACY_USEC (50ULL * 1000ULL)
+#define POLL_BATCH 256
 
 int gw_net_parse_address(const char *s, struct sockaddr_storage *ret_sa, socklen_t *ret_len) {
         struct sockaddr_storage sa = {};
@@ -303,6 +316,32 @@ void gw_listener_conn_gone(struct gw_net_conn *c) {
                 l->n_conns--;
 }
 
+/* ---- readiness of the connections ------------------------------------------------------- */
+
+static int on_poll(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        struct gw_net_listener *l = userdata;
+        struct epoll_event evs[POLL_BATCH];
+
+        int n = epoll_wait(l->epfd, evs, POLL_BATCH, 0);
+        if (n < 0) {
+                if (errno == EINTR)
+                        return 0;
+                /* Cannot happen short of a bug (EBADF, EINVAL); sd-event disables the source
+                 * rather than spin. */
+                return gw_log_full(LOG_ERR, errno, NET_FIELDS, "%s: epoll_wait on the connections: %m",
+                                   l->address);
+        }
+        bool alive = true;
+        l->batch_alive = &alive;
+        for (int i = 0; i < n; i++) {
+                gw_conn_io(evs[i].data.ptr, evs[i].events);
+                if (!alive)
+                        return 0; /* the listener (and its connections) was freed by a handler */
+        }
+        l->batch_alive = NULL;
+        return 0;
+}
+
 /* ---- accept ----------------------------------------------------------------------------- */
 
 static void format_sockaddr(const struct sockaddr_storage *sa, char *buf, size_t size) {
@@ -405,6 +444,10 @@ static int on_accept(sd_event_source *s, int fd, uint32_t revents, void *userdat
 struct gw_net_listener *gw_net_listener_free(struct gw_net_listener *l) {
         if (!l)
                 return NULL;
+        if (l->batch_alive) {
+                *l->batch_alive = false; /* called from a handler of on_poll: stop the batch */
+                l->batch_alive = NULL;
+        }
         /* Pending work first (on_close of already-dead connections), then the live ones. */
         while (l->pending_head) {
                 struct gw_net_conn *c = l->pending_head;
@@ -437,6 +480,9 @@ struct gw_net_listener *gw_net_listener_free(struct gw_net_listener *l) {
         sd_event_source_disable_unref(l->timer_src);
         sd_event_source_disable_unref(l->defer_src);
         sd_event_source_disable_unref(l->retry_src);
+        sd_event_source_disable_unref(l->poll_src);
+        if (l->epfd >= 0)
+                (void) close(l->epfd);
         if (l->fd >= 0)
                 (void) close(l->fd);
         for (unsigned b = 0; b < GW_ADDR_BUCKETS; b++)
@@ -482,6 +528,7 @@ int gw_net_listener_new(sd_event *e, const struct gw_net_listener_config *cfg,
         if (!l)
                 return -ENOMEM;
         l->fd = -EBADF;
+        l->epfd = -EBADF;
         l->event = sd_event_ref(e);
         l->h = *h;
         l->userdata = userdata;
@@ -519,6 +566,15 @@ int gw_net_listener_new(sd_event *e, const struct gw_net_listener_config *cfg,
                 return gw_log_full(LOG_ERR, errno, NET_FIELDS, "%s: getsockname: %m", where);
         l->port = ntohs(bound.ss_family == AF_INET6 ? ((struct sockaddr_in6 *) &bound)->sin6_port
                                                     : ((struct sockaddr_in *) &bound)->sin_port);
+
+        l->epfd = epoll_create1(EPOLL_CLOEXEC);
+        if (l->epfd < 0)
+                return gw_log_full(LOG_ERR, errno, NET_FIELDS, "%s: epoll_create1: %m", where);
+        /* Default priority, as the per-connection io sources had. */
+        r = sd_event_add_io(e, &l->poll_src, l->epfd, EPOLLIN, on_poll, l);
+        if (r < 0)
+                return r;
+        (void) sd_event_source_set_description(l->poll_src, "net-conns");
 
         r = sd_event_add_io(e, &l->accept_src, l->fd, EPOLLIN, on_accept, l);
         if (r < 0)

@@ -43,6 +43,12 @@ struct gw_net_listener {
         uint16_t port;
         char *address;
         sd_event_source *accept_src, *timer_src, *defer_src, *retry_src;
+        /* The listener's connections are not sd-event sources: they live in this private
+         * epoll set (epoll_ctl from conn.c), which is ONE io source on the loop (poll_src);
+         * its dispatch handles up to a batch of ready connections (see on_poll). */
+        int epfd;
+        sd_event_source *poll_src;
+        bool *batch_alive; /* set while on_poll runs; gw_net_listener_free clears *batch_alive */
         struct gw_tls_server *tls;
         struct gw_net_handler h;
         void *userdata;
@@ -80,7 +86,7 @@ struct gw_net_conn {
         struct gw_net_listener *l;
         int fd;
         enum gw_conn_state state;
-        sd_event_source *io;
+        bool io_registered; /* fd is in l->epfd with the events io_events */
         uint32_t io_events;
 
         struct gw_tls_conn *ssl;   /* NULL for plain TCP */
@@ -139,6 +145,8 @@ void gw_conn_run_pending(struct gw_net_conn *c, unsigned flags);
 void gw_conn_timeout(struct gw_net_conn *c);
 void gw_conn_fail(struct gw_net_conn *c, int reason);
 void gw_conn_free(struct gw_net_conn *c);
+/* Handles the readiness revents that l->epfd reported for c (the connection is not freed). */
+void gw_conn_io(struct gw_net_conn *c, uint32_t revents);
 
 /* tls.c: backend-neutral parts. */
 

@@ -65,6 +65,8 @@ mqtt:
     cert_file: $WORK/server.crt
     key_file: $WORK/server.key
   limits:
+    max_connections: 20000
+    max_connections_per_address: 20000 # every generator connection comes from 127.0.0.1
     max_inflight: 16
 EOF
 

@@ -708,7 +708,9 @@ static void poll_group(struct mb_line *l, struct adp_modbus_device *d, struct ad
         if (any_answer && !rep->failed) {
                 bool err_changed = first_err != d->last_err;
                 bool periodic = d->last_report == 0 || now - d->last_report >= REPORT_INTERVAL_USEC;
-                if (periodic) {
+                /* The first report (every device at once, when the adapter starts) carries only
+                 * the state; the values follow with the next one, in the device's own phase. */
+                if (periodic && d->last_report != 0) {
                         /* Every point's latest value, for operators looking at the twin. */
                         struct sbuf all = { 0 };
                         for (size_t i = 0; i < d->n_points; i++) {

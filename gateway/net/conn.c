@@ -192,6 +192,40 @@ static void output_shrunk(struct gw_net_conn *c) {
         }
 }
 
+/* One write of at most len bytes: with TLS one record of exactly len bytes (len <=
+ * TLS_MAX_WRITE). Returns the bytes taken; 0 when the socket or the TLS layer would block (a
+ * TLS record is then pending with this length, see tls_write_pending: the next write must
+ * repeat it); < 0 when the connection failed (logged, gw_conn_fail() done). */
+static ssize_t write_once(struct gw_net_conn *c, const uint8_t *p, size_t len) {
+        if (c->ssl) {
+                int r = gw_tls_conn_write(c, p, len);
+                if (r == GW_TLS_WANT_WRITE || r == GW_TLS_WANT_READ) {
+                        c->tls_write_pending = len;
+                        c->tls_want_write = r == GW_TLS_WANT_WRITE;
+                        return 0;
+                }
+                if (r < 0) {
+                        tls_write_failed(c, r);
+                        return -EPROTO;
+                }
+                c->tls_write_pending = 0;
+                return r;
+        }
+        for (;;) {
+                ssize_t n = send(c->fd, p, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+                if (n >= 0)
+                        return n;
+                if (errno == EINTR)
+                        continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK)
+                        return 0;
+                int e = -errno;
+                gw_log_full(LOG_DEBUG, e, NET_FIELDS, "%s: send: %m", c->peer);
+                gw_conn_fail(c, e == -EPIPE ? -ECONNRESET : e);
+                return e;
+        }
+}
+
 /* Writes what the socket takes. Returns 0, or < 0 when the connection failed. */
 static int flush_output(struct gw_net_conn *c) {
         bool progress = false;
@@ -200,35 +234,12 @@ static int flush_output(struct gw_net_conn *c) {
         while (c->out_head && c->state != GW_CONN_DEAD) {
                 struct gw_out_chunk *k = c->out_head;
                 size_t avail = k->len - k->off;
-                ssize_t n;
-
-                if (c->ssl) {
-                        size_t len = c->tls_write_pending ?: MIN(avail, (size_t) TLS_MAX_WRITE);
-                        int r = gw_tls_conn_write(c, k->data + k->off, len);
-                        if (r == GW_TLS_WANT_WRITE || r == GW_TLS_WANT_READ) {
-                                c->tls_write_pending = len;
-                                c->tls_want_write = r == GW_TLS_WANT_WRITE;
-                                break;
-                        }
-                        if (r < 0) {
-                                tls_write_failed(c, r);
-                                return -EPROTO;
-                        }
-                        c->tls_write_pending = 0;
-                        n = r;
-                } else {
-                        n = send(c->fd, k->data + k->off, avail, MSG_NOSIGNAL | MSG_DONTWAIT);
-                        if (n < 0) {
-                                if (errno == EAGAIN || errno == EWOULDBLOCK)
-                                        break;
-                                if (errno == EINTR)
-                                        continue;
-                                int e = -errno;
-                                gw_log_full(LOG_DEBUG, e, NET_FIELDS, "%s: send: %m", c->peer);
-                                gw_conn_fail(c, e == -EPIPE ? -ECONNRESET : e);
-                                return e;
-                        }
-                }
+                size_t len = !c->ssl ? avail : c->tls_write_pending ?: MIN(avail, (size_t) TLS_MAX_WRITE);
+                ssize_t n = write_once(c, k->data + k->off, len);
+                if (n < 0)
+                        return (int) n;
+                if (n == 0)
+                        break;
                 progress = true;
                 k->off += (size_t) n;
                 c->out_bytes -= (size_t) n;
@@ -255,33 +266,12 @@ static ssize_t write_direct(struct gw_net_conn *c, const uint8_t *p, size_t len)
         size_t done = 0;
 
         while (done < len) {
-                ssize_t n;
-                if (c->ssl) {
-                        size_t k = MIN(len - done, (size_t) TLS_MAX_WRITE);
-                        int r = gw_tls_conn_write(c, p + done, k);
-                        if (r == GW_TLS_WANT_WRITE || r == GW_TLS_WANT_READ) {
-                                c->tls_write_pending = k;
-                                c->tls_want_write = r == GW_TLS_WANT_WRITE;
-                                break;
-                        }
-                        if (r < 0) {
-                                tls_write_failed(c, r);
-                                return -EPROTO;
-                        }
-                        n = r;
-                } else {
-                        n = send(c->fd, p + done, len - done, MSG_NOSIGNAL | MSG_DONTWAIT);
-                        if (n < 0) {
-                                if (errno == EAGAIN || errno == EWOULDBLOCK)
-                                        break;
-                                if (errno == EINTR)
-                                        continue;
-                                int e = -errno;
-                                gw_log_full(LOG_DEBUG, e, NET_FIELDS, "%s: send: %m", c->peer);
-                                gw_conn_fail(c, e == -EPIPE ? -ECONNRESET : e);
-                                return e;
-                        }
-                }
+                size_t k = c->ssl ? MIN(len - done, (size_t) TLS_MAX_WRITE) : len - done;
+                ssize_t n = write_once(c, p + done, k);
+                if (n < 0)
+                        return n;
+                if (n == 0)
+                        break;
                 done += (size_t) n;
         }
         if (done > 0)

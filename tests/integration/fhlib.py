@@ -7,6 +7,7 @@ non-zero on failure (an uncaught AssertionError), 77 when it must be skipped."""
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -69,6 +70,27 @@ def tmpdir():
     d = tempfile.mkdtemp(prefix="fieldhub-it-")
     at_exit(lambda: subprocess.run(["rm", "-rf", d]))
     return d
+
+
+def pty_pair(d, name):
+    """A socat pseudo-terminal pair under d: (our end for fieldhubd, the slave's end); socat is
+    stopped at exit. Skips the test when socat is not installed."""
+    if not shutil.which("socat"):
+        raise Skip("socat is not installed")
+    a, b = os.path.join(d, name + "-gw"), os.path.join(d, name + "-slave")
+    p = subprocess.Popen(["socat", "-d", "-d", f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop():
+        if p.poll() is None:
+            p.terminate()
+            p.wait(timeout=3)
+    at_exit(stop)
+    end = time.monotonic() + 5
+    while not (os.path.exists(a) and os.path.exists(b)):
+        assert time.monotonic() < end, "socat did not create the pty pair"
+        time.sleep(0.02)
+    return a, b
 
 
 def write(path, text, mode=0o600):

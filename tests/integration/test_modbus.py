@@ -16,7 +16,6 @@ The slave's test register map (holding registers unless noted):
 import fcntl
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import termios
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fhlib import FIELDHUBCTL, FIELDHUBD, SRCDIR, Daemon, Skip, at_exit, config_text, ctl, main, tmpdir, write  # noqa: E402
+from fhlib import FIELDHUBCTL, FIELDHUBD, SRCDIR, Daemon, at_exit, config_text, ctl, main, pty_pair, tmpdir, write  # noqa: E402
 
 SIM = os.environ.get("FIELDHUB_MODBUS_SIM", "modbus-sim")
 
@@ -64,26 +63,6 @@ class Sim:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-
-
-def pty_pair(d, name):
-    """A socat pseudo-terminal pair: (our end for fieldhubd, the slave's end)."""
-    if not shutil.which("socat"):
-        raise Skip("socat is not installed")
-    a, b = os.path.join(d, name + "-gw"), os.path.join(d, name + "-slave")
-    p = subprocess.Popen(["socat", "-d", "-d", f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def stop():
-        if p.poll() is None:
-            p.terminate()
-            p.wait(timeout=3)
-    at_exit(stop)
-    end = time.monotonic() + 5
-    while not (os.path.exists(a) and os.path.exists(b)):
-        assert time.monotonic() < end, "socat did not create the pty pair"
-        time.sleep(0.02)
-    return a, b
 
 
 def start(d, adapters_yaml, level="info"):

@@ -22,7 +22,6 @@ Needs python3-pymodbus with python3-serial(-asyncio) (pymodbus.server imports se
 import json
 import math
 import os
-import shutil
 import signal
 import struct
 import subprocess
@@ -120,7 +119,7 @@ if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--serve":
     serve(sys.argv[2], sys.argv[3], sys.argv[4])
     sys.exit(0)
 
-from fhlib import FIELDHUBCTL, Daemon, Skip, at_exit, config_text, ctl, main, tmpdir, write  # noqa: E402
+from fhlib import FIELDHUBCTL, Daemon, Skip, at_exit, config_text, ctl, main, pty_pair, tmpdir, write  # noqa: E402
 
 
 def need_pymodbus():
@@ -331,22 +330,8 @@ def test_tcp_values_writes_and_peer_restart():
 
 def test_rtu_over_pty():
     need_pymodbus()
-    if not shutil.which("socat"):
-        raise Skip("socat is not installed")
     d = tmpdir()
-    gw, slave = os.path.join(d, "gw"), os.path.join(d, "slave")
-    p = subprocess.Popen(["socat", f"pty,raw,echo=0,link={gw}", f"pty,raw,echo=0,link={slave}"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def stop_socat():
-        if p.poll() is None:
-            p.terminate()
-            p.wait(timeout=3)
-    at_exit(stop_socat)
-    end = time.monotonic() + 5
-    while not (os.path.exists(gw) and os.path.exists(slave)):
-        assert time.monotonic() < end, "socat did not create the pty pair"
-        time.sleep(0.02)
+    gw, slave = pty_pair(d, "rtu")
     # Parity none: pyserial 3.5 cannot set even parity on a pseudo-terminal (tcsetattr answers
     # EINVAL), and a pty ignores line settings anyway.
     PyServer(d, "rtu", slave)

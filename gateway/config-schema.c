@@ -171,7 +171,7 @@ static const char *const feedback_keys[] = { "ttl", "lock_timeout", "max_deliver
 static const char *const hub_keys[] = { "host_name", "host_aliases", "policies", "x509_ca_files", NULL };
 static const char *const log_keys[] = { "level", "target", "rate_limit", NULL };
 static const char *const rate_keys[] = { "interval", "burst", NULL };
-static const char *const store_keys[] = { "stall_timeout", "check_on_start", "max_size", NULL };
+static const char *const store_keys[] = { "stall_timeout", "check_on_start", "max_size", "group_interval", NULL };
 static const char *const admin_keys[] = { "socket", NULL };
 static const char *const policy_item_keys[] = { "name", "key_file", "key_credential", "secondary_key_file",
                                                 "secondary_key_credential", NULL };
@@ -437,6 +437,8 @@ static int parse_store(struct gw_config *c, const struct adp_conf_node *root, st
         (void) adp_conf_get_duration(store, "stall_timeout", false, GW_CONFIG_STALL_TIMEOUT_MIN_USEC,
                                      GW_CONFIG_STALL_TIMEOUT_MAX_USEC, e, &c->store_stall_timeout_usec);
         (void) adp_conf_get_bool(store, "check_on_start", false, e, &c->store_check_on_start);
+        (void) adp_conf_get_duration(store, "group_interval", false, 0, GW_CONFIG_GROUP_INTERVAL_MAX_USEC, e,
+                                     &c->store_group_interval_usec);
         (void) adp_conf_get_size(store, "max_size", false, HUB_STORE_MAX_SIZE_MIN, UINT64_C(1) << 50, e,
                                  &c->store_max_size);
         return 0;
@@ -802,6 +804,7 @@ int gw_config_from_tree(struct adp_conf_node *tree, struct gw_config **ret, stru
         c->log_rate_burst = GW_CONFIG_LOG_RATE_BURST_DEFAULT;
         c->store_stall_timeout_usec = GW_CONFIG_STALL_TIMEOUT_DEFAULT_USEC;
         c->store_check_on_start = false;
+        c->store_group_interval_usec = GW_CONFIG_GROUP_INTERVAL_DEFAULT_USEC;
         c->api_max_connections = GW_CONFIG_API_MAX_CONNECTIONS_DEFAULT;
         c->api_max_connections_per_address = GW_CONFIG_API_MAX_CONNECTIONS_PER_ADDRESS_DEFAULT;
         c->api_handshake_timeout_usec = GW_CONFIG_API_HANDSHAKE_TIMEOUT_DEFAULT_USEC;

@@ -57,6 +57,7 @@ struct gw_config {
         uint64_t log_rate_interval_usec;        /* log.rate_limit.interval */
         unsigned log_rate_burst;                /* log.rate_limit.burst */
         uint64_t store_stall_timeout_usec;      /* store.stall_timeout */
+        uint64_t store_group_interval_usec;     /* store.group_interval */
         bool store_check_on_start;              /* store.check_on_start */
         uint64_t store_max_size;                /* store.max_size: disk budget in bytes, 0 = none */
         char *admin_socket;                     /* admin.socket */
@@ -127,6 +128,8 @@ struct gw_config {
 #define GW_CONFIG_STALL_TIMEOUT_DEFAULT_USEC (UINT64_C(10) * 1000000)
 #define GW_CONFIG_STALL_TIMEOUT_MIN_USEC (UINT64_C(1) * 1000000)
 #define GW_CONFIG_STALL_TIMEOUT_MAX_USEC (UINT64_C(600) * 1000000)
+#define GW_CONFIG_GROUP_INTERVAL_DEFAULT_USEC UINT64_C(1000)
+#define GW_CONFIG_GROUP_INTERVAL_MAX_USEC (UINT64_C(100) * 1000)
 #define GW_CONFIG_API_LISTEN_DEFAULT "0.0.0.0:443"
 #define GW_CONFIG_API_MAX_CONNECTIONS_DEFAULT 1000u
 #define GW_CONFIG_API_MAX_CONNECTIONS_PER_ADDRESS_DEFAULT 100u

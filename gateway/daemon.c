@@ -192,6 +192,7 @@ int gw_daemon_reload(struct gw_daemon *d, json_t **ret_errors) {
                 gw_log_warning("store.stall_timeout changed: this takes effect after a restart, ignoring");
         if (old->store_max_size != nc->store_max_size)
                 gw_log_warning("store.max_size changed: this takes effect after a restart, ignoring");
+        hub_store_set_group_interval(d->store, nc->store_group_interval_usec);
 
         char **hn = host_names_of(nc);
         if (!hn) {
@@ -430,6 +431,7 @@ int gw_daemon_start(const struct gw_daemon_options *opts, struct gw_daemon **ret
                 .clock = hub_clock_system(),
                 .log = &gw_hub_log,
                 .stall_timeout_usec = d->config->store_stall_timeout_usec,
+                .group_interval_usec = d->config->store_group_interval_usec,
                 .check_progress = on_check_progress,
                 .userdata = d,
                 .force_check = d->config->store_check_on_start,

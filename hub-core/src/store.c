@@ -9,9 +9,15 @@
  * write (except writes atomic by themselves, HUB_STORE_WRITE_SINGLE), commits, hands the
  * completions back, has the WAL checkpointed when it has grown past its threshold (never
  * inside a commit, and mostly on a thread of its own: see "WAL checkpoints" below), and
- * immediately takes whatever arrived meanwhile. There is no timer: under light load each
- * write commits alone with the least latency, under heavy load batches grow by themselves to
- * the number of writes that arrive during one fsync.
+ * takes whatever arrived meanwhile. Under light load each write commits alone with the least
+ * latency, under heavy load batches grow by themselves to the number of writes that arrive
+ * during one fsync. Between the two, a steady stream would commit a handful of writes per
+ * fsync, thousands of times a second, and each commit costs the same fsync, WAL frames of the
+ * same partly filled pages and two thread wake-ups whatever it holds: so a group starts no
+ * sooner than group_interval after the previous one started (see group_pace()). A write
+ * that arrives after a quiet spell still commits at once, a blocking
+ * hub_store_submit_wait() is never held back, and a group that takes longer than the
+ * interval (high load) is followed at once, as before.
  *
  * Completions travel back through a "done" list and an eventfd, so the event loop runs
  * them on its own thread from hub_store_dispatch(). hub_store_submit_wait() is the blocking
@@ -47,6 +53,13 @@
 #define STORE_BUSY_TIMEOUT_MS 5000
 #define STORE_DEFAULT_STALL_USEC (10 * USEC_PER_SEC)
 #define STORE_PROGRESS_OPS 100
+/* The WAL is checkpointed (copied into the database, then started over) once it holds this
+ * much. Small on purpose: a checkpoint ends with an fsync of the database file, and every
+ * commit's WAL fsync issued meanwhile waits behind that write-back (the device's cache flush
+ * covers it all). With 32 MiB rounds each of them held the commits for 10-20 ms (p99 append
+ * -> completion 12.6 ms at 80k msg/s); with 2 MiB rounds 3.0 ms, at the same CPU per message
+ * (store-ingest -r 80000 -g 1000, tests/bench/README.md). */
+#define STORE_CKPT_MAX_BYTES (2ull * 1024 * 1024)
 
 struct store_waiter {
         pthread_cond_t cond;
@@ -85,6 +98,8 @@ struct hub_store {
         const struct hub_clock *clock;
         const struct hub_log *log;
         uint64_t stall_timeout;
+        uint64_t group_interval; /* see group_pace() (0 = none) */
+        uint64_t group_last;     /* CLOCK_MONOTONIC usec when the last group started (commit thread) */
         uint64_t max_size;      /* the disk budget (0 = none) */
         uint64_t wal_truncate;  /* WAL size above which an idle store truncates it */
         char *wal_path;
@@ -129,6 +144,8 @@ struct hub_store {
         bool stopping;
         bool thread_exited;
         bool dirty; /* committed since the last idle WAL truncation */
+        bool pacing; /* the commit thread waits out group_interval: no signal per enqueue */
+        bool urgent; /* a hub_store_submit_wait() is queued: no pacing */
         uint64_t commit_started; /* monotonic usec, 0 = no commit running */
         /* The checkpointer thread's request and result (see wal_checkpoint_step()). */
         pthread_cond_t ckpt_cond;
@@ -636,6 +653,35 @@ static void disk_thaw(struct hub_store *s) {
         hub_log_debug(s->log, "store: the file system holding %s has room again: reserve restored", s->path);
 }
 
+static uint64_t mono_usec(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (uint64_t) ts.tv_sec * USEC_PER_SEC + (uint64_t) ts.tv_nsec / 1000;
+}
+
+/* Commit thread, s->lock held, writes queued. Waits until group_interval has passed since the
+ * previous group started, unless a blocking writer is queued or the store stops; writes
+ * arriving meanwhile join the group without waking this thread (enqueue() checks pacing).
+ * On the real monotonic clock, not the store's (tests run it on a fake one). */
+static void group_pace(struct hub_store *s) {
+        if (s->group_interval == 0 || s->group_last == 0)
+                return;
+        uint64_t due = s->group_last + s->group_interval;
+        s->pacing = true;
+        for (;;) {
+                uint64_t now = mono_usec();
+                if (now >= due || s->urgent || s->stopping)
+                        break;
+                struct timespec ts;
+                clock_gettime(CLOCK_REALTIME, &ts);
+                uint64_t ns = (uint64_t) ts.tv_nsec + (due - now) * 1000;
+                ts.tv_sec += (time_t) (ns / 1000000000);
+                ts.tv_nsec = (long) (ns % 1000000000);
+                (void) pthread_cond_timedwait(&s->cond, &s->lock, &ts);
+        }
+        s->pacing = false;
+}
+
 static void *commit_thread(void *userdata) {
         struct hub_store *s = userdata;
 
@@ -668,9 +714,16 @@ static void *commit_thread(void *userdata) {
                 if (!s->queue)
                         break; /* stopping, and everything is drained */
 
+                /* A group right after the previous one: let it gather for the rest of the
+                 * interval. After a quiet spell (the previous group started long ago) this
+                 * returns at once. */
+                group_pace(s);
+
                 /* Take everything that arrived while the previous commit ran. */
                 batch = s->queue;
                 s->queue = s->queue_tail = NULL;
+                s->urgent = false;
+                s->group_last = mono_usec();
                 s->commit_started = mono_now(s);
                 pthread_mutex_unlock(&s->lock);
 
@@ -725,13 +778,19 @@ static int enqueue(struct hub_store *s, struct store_write *w) {
         /* Caller holds s->lock. */
         if (s->stopping)
                 return -ESHUTDOWN;
+        bool was_empty = !s->queue;
         if (s->queue_tail)
                 s->queue_tail->next = w;
         else
                 s->queue = w;
         s->queue_tail = w;
         s->stats.pending++;
-        pthread_cond_signal(&s->cond);
+        if (w->waiter)
+                s->urgent = true;
+        /* The commit thread waits for work only on an empty queue; while it paces a group,
+         * only a blocking writer cuts the wait short. */
+        if (w->waiter || (was_empty && !s->pacing))
+                pthread_cond_signal(&s->cond);
         return 0;
 }
 
@@ -753,6 +812,14 @@ int hub_store_submit_flags(struct hub_store *s, hub_store_write_fn fn, hub_store
         if (r < 0)
                 free(w);
         return r;
+}
+
+void hub_store_set_group_interval(struct hub_store *s, uint64_t usec) {
+        if (!s)
+                return;
+        pthread_mutex_lock(&s->lock);
+        s->group_interval = usec;
+        pthread_mutex_unlock(&s->lock);
 }
 
 int hub_store_submit(struct hub_store *s, hub_store_write_fn fn, hub_store_done_fn done, void *userdata) {
@@ -1161,10 +1228,10 @@ static int apply_budget(const struct hub_store_options *opts, struct hub_store *
         s->max_pages = 4294967294u; /* SQLite's default */
         if (s->max_size)
                 wal_share = MIN(wal_share, s->max_size / 4);
-        /* Checkpoint at half the WAL's share; after a checkpoint, the file is cut back to the
-         * share. */
+        /* Checkpoint at half the WAL's share, at most STORE_CKPT_MAX_BYTES; after a
+         * checkpoint, the file is cut back to the share. */
         s->wal_truncate = MIN(wal_share / 2, 4ull * 1024 * 1024);
-        s->autocheckpoint = MAX(wal_share / 2 / (uint64_t) page_size, 16u);
+        s->autocheckpoint = MAX(MIN(wal_share / 2, STORE_CKPT_MAX_BYTES) / (uint64_t) page_size, 16u);
         /* SQLite's own auto-checkpoint off: the commit thread checkpoints between groups. */
         s->ckpt_frames = s->autocheckpoint;
         (void) sqlite3_wal_hook(s->wdb, wal_hook, s);
@@ -1210,6 +1277,7 @@ int hub_store_open(const struct hub_store_options *opts, struct hub_store **ret_
         s->clock = opts->clock;
         s->log = opts->log;
         s->stall_timeout = opts->stall_timeout_usec ? opts->stall_timeout_usec : STORE_DEFAULT_STALL_USEC;
+        s->group_interval = opts->group_interval_usec;
         s->dir = strdup(opts->dir);
         if (!s->dir || asprintf(&s->path, "%s/%s", opts->dir, HUB_STORE_FILE_NAME) < 0) {
                 s->path = NULL;

@@ -8,12 +8,16 @@
  * hub_store_dispatch() (the completions = the PUBACKs), and calls hub_outbox_gc() about
  * once a second.
  *
- *     store-ingest [-n 200000] [-p 256] [-w 1600] [-b 64] [-d /var/tmp] [-e 2] [-s BYTES] [-r RATE] [-k]
+ *     store-ingest [-n 200000] [-p 256] [-w 1600] [-b 64] [-d /var/tmp] [-e 2] [-s BYTES] [-r RATE]
+ *                  [-g USEC] [-k]
  *
  * -r paces the publishes at RATE messages per second (default: as fast as the window
  * allows, i.e. saturation). Either way, the latency of every message from its append to its
  * completion (= publish -> PUBACK inside the daemon) is recorded, and its p50 / p99 / p99.9 /
  * max are printed (completions run in submission order).
+ *
+ * -g sets the store's group interval (hub_store_options.group_interval_usec; the daemon's
+ * store.group_interval, 1 ms by default there; 0 here unless given).
  *
  * -s gives the store a disk budget and, as the daemon does, the events endpoint a quarter
  * of it as its drop-oldest capacity (use it with -e 0: route endpoints that never
@@ -170,7 +174,7 @@ static double pct(const double *sorted, uint64_t n, double p) {
 
 static void usage(void) {
         fprintf(stderr, "usage: store-ingest [-n messages] [-p payload] [-w window] [-b burst] [-d dir] "
-                        "[-e endpoints] [-s store-budget-bytes] [-r msgs-per-s] [-k]\n");
+                        "[-e endpoints] [-s store-budget-bytes] [-r msgs-per-s] [-g group-interval-usec] [-k]\n");
 }
 
 static void rm_rf(const char *dir) {
@@ -186,7 +190,7 @@ static void rm_rf(const char *dir) {
 }
 
 int main(int argc, char **argv) {
-        uint64_t n = 200000, window = 1600, burst = 64, budget = 0;
+        uint64_t n = 200000, window = 1600, burst = 64, budget = 0, group_interval = 0;
         double pace = 0; /* messages per second, 0 = unpaced */
         size_t payload = 256;
         unsigned n_eps = 2;
@@ -198,7 +202,7 @@ int main(int argc, char **argv) {
         struct bench b = { 0 };
         int opt, r;
 
-        while ((opt = getopt(argc, argv, "n:p:w:b:d:e:s:r:kh")) != -1)
+        while ((opt = getopt(argc, argv, "n:p:w:b:d:e:s:r:g:kh")) != -1)
                 switch (opt) {
                 case 'n': n = strtoull(optarg, NULL, 10); break;
                 case 'p': payload = strtoull(optarg, NULL, 10); break;
@@ -208,6 +212,7 @@ int main(int argc, char **argv) {
                 case 'e': n_eps = (unsigned) strtoul(optarg, NULL, 10); break;
                 case 's': budget = strtoull(optarg, NULL, 10); break;
                 case 'r': pace = strtod(optarg, NULL); break;
+                case 'g': group_interval = strtoull(optarg, NULL, 10); break;
                 case 'k': keep = true; break;
                 default: usage(); return 2;
                 }
@@ -223,7 +228,7 @@ int main(int argc, char **argv) {
         }
         struct hub_store_options so = {
                 .dir = dir, .clock = hub_clock_system(), .errbuf = errbuf, .errbuf_size = sizeof errbuf,
-                .max_size = budget,
+                .max_size = budget, .group_interval_usec = group_interval,
         };
         r = hub_store_open(&so, &store);
         if (r < 0) {

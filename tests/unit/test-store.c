@@ -17,6 +17,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "hub/clock.h"
@@ -560,6 +561,79 @@ static void test_grouped_commit(void) {
         g_store = NULL;
 }
 
+static uint64_t real_mono_usec(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (uint64_t) ts.tv_sec * USEC_PER_SEC + (uint64_t) ts.tv_nsec / 1000;
+}
+
+/* store.group_interval: a write after a quiet spell commits at once; writes arriving right
+ * after a group wait for the interval and then commit as ONE group; a blocking writer cuts
+ * the wait short. The interval is long (400 ms) so that a slow, loaded machine cannot blur
+ * "at once" and "after the interval". */
+static void test_group_interval(void) {
+        const char *dir = new_state_dir("pace");
+        const uint64_t interval = 400 * USEC_PER_MSEC;
+        struct hub_store_options o = {
+                .dir = dir, .clock = &fake.clock, .errbuf = errbuf, .errbuf_size = sizeof errbuf,
+                .group_interval_usec = interval,
+        };
+        struct hub_store *s = NULL;
+        struct hub_store_stats st0, st1;
+        static char sql[20][64];
+
+        ASSERT_OK(hub_store_open(&o, &s));
+        wait_sql(s, "CREATE TABLE p (i INTEGER PRIMARY KEY)");
+        usleep(interval + 50 * USEC_PER_MSEC); /* a quiet spell */
+
+        /* After the quiet spell: at once. */
+        completions = 0;
+        uint64_t t0 = real_mono_usec();
+        ASSERT_OK(hub_store_submit(s, write_sql, count_done, (void *) "INSERT INTO p VALUES (1)"));
+        dispatch_until(s, &completions, 1);
+        uint64_t t1 = real_mono_usec();
+        fprintf(stderr, "  first write after a quiet spell: %llu us\n", (unsigned long long) (t1 - t0));
+        ASSERT_TRUE(t1 - t0 < interval / 2);
+
+        /* Right after that group: twenty writes wait for the interval, then share one commit. */
+        hub_store_get_stats(s, &st0);
+        completions = 0;
+        for (int i = 0; i < 20; i++) {
+                snprintf(sql[i], sizeof sql[i], "INSERT INTO p VALUES (%d)", 100 + i);
+                ASSERT_OK(hub_store_submit(s, write_sql, count_done, sql[i]));
+        }
+        dispatch_until(s, &completions, 20);
+        uint64_t t2 = real_mono_usec();
+        hub_store_get_stats(s, &st1);
+        fprintf(stderr, "  20 writes right after a group: committed %llu us after the first one's start, in %llu commit(s)\n",
+                (unsigned long long) (t2 - t0), (unsigned long long) (st1.commits - st0.commits));
+        ASSERT_TRUE(t2 - t0 >= interval - 20 * USEC_PER_MSEC);
+        ASSERT_EQ(st1.commits - st0.commits, 1);
+        ASSERT_EQ(st1.last_batch, 20);
+
+        /* A pending write, then a blocking writer right after a group: neither waits. */
+        completions = 0;
+        ASSERT_OK(hub_store_submit(s, write_sql, count_done, (void *) "INSERT INTO p VALUES (200)"));
+        uint64_t t3 = real_mono_usec();
+        ASSERT_OK(hub_store_submit_wait(s, write_sql, (void *) "INSERT INTO p VALUES (201)"));
+        uint64_t t4 = real_mono_usec();
+        fprintf(stderr, "  blocking write right after a group: %llu us\n", (unsigned long long) (t4 - t3));
+        ASSERT_TRUE(t4 - t3 < interval / 2);
+        dispatch_until(s, &completions, 1);
+        ASSERT_EQ(query_int(hub_store_read_db(s), "SELECT count(*) FROM p"), 23);
+
+        /* 0 turns pacing off on a running store: back-to-back groups again. */
+        hub_store_set_group_interval(s, 0);
+        completions = 0;
+        uint64_t t5 = real_mono_usec();
+        ASSERT_OK(hub_store_submit(s, write_sql, count_done, (void *) "INSERT INTO p VALUES (300)"));
+        dispatch_until(s, &completions, 1);
+        ASSERT_OK(hub_store_submit(s, write_sql, count_done, (void *) "INSERT INTO p VALUES (301)"));
+        dispatch_until(s, &completions, 2);
+        ASSERT_TRUE(real_mono_usec() - t5 < interval / 2);
+        hub_store_close(s);
+}
+
 static int after_close_result = 1;
 static struct hub_store *close_store;
 static void submit_in_close(int result, void *userdata) {
@@ -1033,6 +1107,7 @@ int main(void) {
         TEST_RUN(test_corrupt_files);
         TEST_RUN(test_unclean);
         TEST_RUN(test_grouped_commit);
+        TEST_RUN(test_group_interval);
         TEST_RUN(test_submit_wait_and_shutdown);
         TEST_RUN(test_failing_write_in_batch);
         TEST_RUN(test_single_writes);

@@ -41,6 +41,12 @@ struct hub_store_options {
         const struct hub_log *log;     /* optional */
         /* A commit running longer than this makes hub_store_healthy() false (0 = 10 s). */
         uint64_t stall_timeout_usec;
+        /* Minimum time between the starts of two consecutive group commits (0 = none): under
+         * a steady load, writes then share fsyncs in groups of up to this interval's worth
+         * instead of a few each; a write after a quiet spell, a hub_store_submit_wait() and
+         * groups longer than the interval are not delayed. Adds at most this to a write's
+         * latency. */
+        uint64_t group_interval_usec;
         /* Called on the opening thread, about once a second, while a long integrity check
          * runs at open, so the daemon can extend its start-up timeout. Optional. */
         void (*check_progress)(void *userdata, uint64_t elapsed_usec);
@@ -54,7 +60,8 @@ struct hub_store_options {
          * HUB_STORE_MAX_SIZE_MIN). A quarter of it (at most 64 MiB) is kept for the WAL, the
          * rest bounds the database file (`PRAGMA max_page_count`, applied at every open). A
          * write that needs a page beyond it fails with -ENOSPC, like a full disk; pages freed
-         * by deletes are reused. The WAL is checkpointed when it reaches half its share and
+         * by deletes are reused. The WAL is checkpointed when it reaches half its share (at
+         * most 2 MiB, also without a budget) and
          * truncated when the store is idle. A database already larger than the budget keeps
          * its size (never shrinks) and only reuses its free pages. */
         uint64_t max_size;
@@ -68,6 +75,9 @@ struct hub_store_options {
  * -ENOSPC the disk is full; -EACCES/-EPERM and other -errno from the file system. On
  * failure opts->errbuf says what happened and what to do. */
 HUB_EXPORT int hub_store_open(const struct hub_store_options *opts, struct hub_store **ret_store);
+
+/* Changes hub_store_options.group_interval_usec of an open store; from the next group on. */
+HUB_EXPORT void hub_store_set_group_interval(struct hub_store *s, uint64_t usec);
 
 /* Waits for every submitted write to commit, delivers their completions, records a clean
  * shutdown, checkpoints the WAL and closes. Accepts NULL. Returns NULL. */

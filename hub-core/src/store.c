@@ -60,6 +60,9 @@
  * -> completion 12.6 ms at 80k msg/s); with 2 MiB rounds 3.0 ms, at the same CPU per message
  * (store-ingest -r 80000 -g 1000, tests/bench/README.md). */
 #define STORE_CKPT_MAX_BYTES (2ull * 1024 * 1024)
+/* The largest tail the commit thread copies itself between two groups (see
+ * wal_checkpoint_step()): 256 pages, about a millisecond of copying and a small fsync. */
+#define STORE_CKPT_TAIL_FRAMES 256u
 
 struct store_waiter {
         pthread_cond_t cond;
@@ -108,6 +111,7 @@ struct hub_store {
         uint64_t page_size, max_pages, autocheckpoint; /* the limits to restore after a thaw */
         /* WAL checkpoints: see wal_checkpoint_step(). Commit thread only: */
         uint64_t ckpt_frames; /* threshold: autocheckpoint, or a small value while frozen */
+        uint64_t ckpt_hard;   /* the WAL's bound in frames: see wal_checkpoint_step() */
         uint64_t wal_frames;  /* the WAL's size in frames after the last commit (WAL hook) */
         uint64_t wal_last;    /* the same, never reset by a checkpoint */
         uint64_t wal_epoch;   /* counts the WAL's restarts (from its first frame) */
@@ -521,14 +525,18 @@ static int wal_hook(void *userdata, sqlite3 *db, const char *name, int n_frames)
  * Such a checkpoint copies the frames that existed when it started; the WAL only starts
  * over from its beginning (and its file is cut back to journal_size_limit) when a write
  * transaction begins with every frame copied. So when the checkpointer has copied all but a
- * small tail (at most ckpt_frames / 128 frames, or what the last two groups added: another
- * round could not do better), the commit thread copies that tail itself between two groups
- * (a short pause instead of a long one), and the next group restarts the WAL. A larger tail
- * gets another round on the checkpointer. Should the rounds not catch up (a slow disk), the
- * WAL still stays within its share of the disk budget: at 1.5 times the threshold the commit
- * thread waits for the round in progress and finishes by itself, as before the checkpointer
- * existed. While the database is frozen (a full file system, see disk_full()) the WAL must
- * stay within the released reserve: the commit thread checkpoints by itself. SQLITE_BUSY
+ * small tail (at most STORE_CKPT_TAIL_FRAMES, half the threshold or what the last two groups
+ * added: another round could not do better), the commit thread copies that tail itself
+ * between two groups (a pause of a millisecond or two instead of a long one), and the next
+ * group restarts the WAL. A larger tail gets another round on the checkpointer: each round
+ * copies only what the previous ones left, so they shrink to a tail within a few rounds.
+ * Should the rounds not catch up (a slow disk), the WAL still stays within its share of the
+ * disk budget: at ckpt_hard frames (three quarters of the share) the commit thread waits for
+ * the round in progress and finishes by itself, as before the checkpointer existed. (With
+ * 2 MiB rounds, a hard bound at 1.5 times the threshold was reached whenever one database
+ * fsync took longer than ~12 ms at 80 MB/s of WAL: 30 ms stalls.) While the database is
+ * frozen (a full file system, see disk_full()) the WAL must stay within the released
+ * reserve: the commit thread checkpoints by itself. SQLITE_BUSY
  * (the other connection is checkpointing) is normal, and a reader holding old frames only
  * makes a checkpoint partial: the rest is copied next time.
  *
@@ -557,8 +565,8 @@ static void wal_checkpoint_inline(struct hub_store *s) {
 /* Commit thread, between groups, after handing their completions back; called with s->lock
  * held, which it may drop and retake. */
 static void wal_checkpoint_step(struct hub_store *s) {
-        uint64_t tail = MAX(MAX(s->ckpt_frames / 128, 2 * s->wal_group), 16u);
-        uint64_t hard = s->ckpt_frames + s->ckpt_frames / 2;
+        uint64_t tail = MAX(MAX(MIN(STORE_CKPT_TAIL_FRAMES, s->ckpt_frames / 2), 2 * s->wal_group), 16u);
+        uint64_t hard = MAX(s->ckpt_hard, s->ckpt_frames + s->ckpt_frames / 2);
 
         if (s->ckpt_frames == 0 || s->wal_frames < s->ckpt_frames)
                 return;
@@ -1232,6 +1240,7 @@ static int apply_budget(const struct hub_store_options *opts, struct hub_store *
          * checkpoint, the file is cut back to the share. */
         s->wal_truncate = MIN(wal_share / 2, 4ull * 1024 * 1024);
         s->autocheckpoint = MAX(MIN(wal_share / 2, STORE_CKPT_MAX_BYTES) / (uint64_t) page_size, 16u);
+        s->ckpt_hard = wal_share / 4 * 3 / (uint64_t) page_size;
         /* SQLite's own auto-checkpoint off: the commit thread checkpoints between groups. */
         s->ckpt_frames = s->autocheckpoint;
         (void) sqlite3_wal_hook(s->wdb, wal_hook, s);

@@ -65,7 +65,7 @@ enum phase { PH_CONNECT, PH_WARMUP, PH_MEASURE, PH_STOP, PH_QUIT };
 enum cstate { CS_TCP, CS_TLS, CS_MQTT, CS_READY, CS_DEAD };
 
 struct opts {
-        const char *host, *cafile, *prefix, *hub, *key, *username, *password, *topic_fmt, *ciphers;
+        const char *host, *cafile, *prefix, *hub, *key, *username, *password, *topic_fmt, *ciphers, *timeline;
         uint16_t port;
         unsigned connections, start, threads, procs, window, payload, qos, keepalive, connect_concurrency;
         double rate, duration, warmup;
@@ -82,8 +82,15 @@ struct wstats {
         char error[160];
 };
 
+/* --timeline: per TL_SLOT_USEC of the measurement, the largest publish->PUBACK latency and the
+ * number of PUBACKs, to see whether a p99 comes from a few stalls or from everywhere. */
+#define TL_SLOT_USEC 10000u
+#define TL_SLOTS 60000u /* 600 s */
+
 struct shared {
         _Atomic int phase;
+        _Atomic uint64_t t0; /* now_usec() when PH_MEASURE began */
+        _Atomic uint32_t tl_max[TL_SLOTS], tl_n[TL_SLOTS];
         struct wstats w[];
 };
 
@@ -436,6 +443,16 @@ static void on_packet(struct worker *w, struct conn *c, const struct gw_mqtt_pac
                 if (ph == PH_MEASURE) {
                         uint64_t lat = now - c->sent_at[id - 1];
                         atomic_fetch_add_explicit(&w->s->hist[hist_index(lat)], 1, memory_order_relaxed);
+                        if (o.timeline) {
+                                uint64_t slot = (now - atomic_load(&sh->t0)) / TL_SLOT_USEC;
+                                if (slot < TL_SLOTS) {
+                                        uint32_t l = lat > UINT32_MAX ? UINT32_MAX : (uint32_t) lat;
+                                        uint32_t cur = atomic_load_explicit(&sh->tl_max[slot], memory_order_relaxed);
+                                        while (l > cur && !atomic_compare_exchange_weak(&sh->tl_max[slot], &cur, l))
+                                                ;
+                                        atomic_fetch_add_explicit(&sh->tl_n[slot], 1, memory_order_relaxed);
+                                }
+                        }
                 }
                 c->free_ids[c->n_free++] = id;
                 atomic_fetch_add_explicit(&w->s->acked, 1, memory_order_relaxed);
@@ -853,14 +870,15 @@ static void usage(void) {
                 "  --threads T --procs P       event loops per process, processes (1, 1)\n"
                 "  --connect-concurrency N     handshakes in progress per loop (64)\n"
                 "  --keepalive S               MQTT keep-alive (60)\n"
-                "  --server-pid PID            report this process's CPU per message and RSS\n");
+                "  --server-pid PID            report this process's CPU per message and RSS\n"
+                "  --timeline FILE             write \"ms max_latency_us pubacks\" per 10 ms of the measurement\n");
         exit(2);
 }
 
 int main(int argc, char **argv) {
         enum { O_HOST = 256, O_PORT, O_CAFILE, O_INSECURE, O_TLS13, O_CONNS, O_PREFIX, O_START, O_HUB, O_KEY,
                O_USER, O_PASS, O_TOPIC, O_QOS, O_WINDOW, O_PAYLOAD, O_RATE, O_WARMUP, O_DURATION, O_IDLE,
-               O_THREADS, O_PROCS, O_CC, O_KA, O_PID, O_CIPHERS };
+               O_THREADS, O_PROCS, O_CC, O_KA, O_PID, O_CIPHERS, O_TIMELINE };
         static const struct option lo[] = {
                 { "host", 1, NULL, O_HOST },       { "port", 1, NULL, O_PORT },
                 { "cafile", 1, NULL, O_CAFILE },   { "insecure", 0, NULL, O_INSECURE },
@@ -875,6 +893,7 @@ int main(int argc, char **argv) {
                 { "threads", 1, NULL, O_THREADS }, { "procs", 1, NULL, O_PROCS },
                 { "connect-concurrency", 1, NULL, O_CC }, { "keepalive", 1, NULL, O_KA },
                 { "server-pid", 1, NULL, O_PID },  { "ciphers", 1, NULL, O_CIPHERS },
+                { "timeline", 1, NULL, O_TIMELINE },
                 { "help", 0, NULL, 'h' },
                 {},
         };
@@ -907,6 +926,7 @@ int main(int argc, char **argv) {
                 case O_KA: o.keepalive = (unsigned) atoi(optarg); break;
                 case O_PID: o.server_pid = atoi(optarg); break;
                 case O_CIPHERS: o.ciphers = optarg; break;
+                case O_TIMELINE: o.timeline = optarg; break;
                 default: usage();
                 }
         }
@@ -1018,11 +1038,21 @@ int main(int argc, char **argv) {
         if (o.server_pid)
                 read_pstat(o.server_pid, &srv0);
         uint64_t t0 = now_usec();
+        atomic_store(&sh->t0, t0);
         atomic_store(&sh->phase, PH_MEASURE);
         sleep_sec(o.duration);
         atomic_store(&sh->phase, PH_STOP);
         uint64_t t1 = now_usec();
         uint64_t acked1 = SUM(acked, nw), sent1 = SUM(sent, nw);
+        if (o.timeline) {
+                FILE *f = fopen(o.timeline, "we");
+                if (!f)
+                        die("%s: %s", o.timeline, strerror(errno));
+                for (uint64_t i = 0; i < TL_SLOTS && i * TL_SLOT_USEC < t1 - t0; i++)
+                        fprintf(f, "%" PRIu64 " %u %u\n", i * TL_SLOT_USEC / 1000, atomic_load(&sh->tl_max[i]),
+                                atomic_load(&sh->tl_n[i]));
+                fclose(f);
+        }
         double self1 = o.procs > 1 ? procs_cpu(pids, o.procs) : self_cpu();
         double busy1 = machine_busy();
         if (o.server_pid)

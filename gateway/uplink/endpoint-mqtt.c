@@ -41,6 +41,8 @@ struct mqtt_ev {
         int token, code;
 };
 
+#define MQTT_CTX_RING 64u
+
 struct pending {
         int token;
         uint64_t seq;
@@ -56,7 +58,10 @@ struct mqtt_ep {
         bool connected;
         struct gw_paho_inbox *inbox;
         pthread_mutex_t lock;
-        struct conn_ctx *ctxs; /* under lock */
+        struct conn_ctx {
+                struct mqtt_ep *m;
+                unsigned gen;
+        } ctx[MQTT_CTX_RING];  /* connect callbacks' contexts, see on_connect_ok() */
         int *acks;             /* under lock: tokens of PUBACKs not yet taken by the loop */
         size_t n_acks, cap_acks;
         bool acks_oom;         /* under lock: an ack could not be recorded */
@@ -75,36 +80,22 @@ static void post(struct mqtt_ep *m, enum ev_kind kind, unsigned gen, int token, 
 
 /* ---- paho's threads --------------------------------------------------------------------- */
 
-/* The generation travels in the context pointer's companion: connect callbacks carry it in
- * a small heap cell freed on the loop. */
-struct conn_ctx {
-        struct mqtt_ep *m;
-        unsigned gen;
-        struct conn_ctx *next; /* m->ctxs: outstanding connects, freed by destroy if paho never answers */
-};
-
-static void ctx_release(struct conn_ctx *c) {
-        struct mqtt_ep *m = c->m;
-        pthread_mutex_lock(&m->lock);
-        for (struct conn_ctx **p = &m->ctxs; *p; p = &(*p)->next)
-                if (*p == c) {
-                        *p = c->next;
-                        break;
-                }
-        pthread_mutex_unlock(&m->lock);
-        free(c);
-}
+/* The connect callbacks' context (struct conn_ctx, in mqtt_ep) carries the attempt's
+ * generation. It lives as long as the client: paho 1.3.12 may call a connect's callbacks more
+ * than once (onSuccess and later onFailure, or onFailure twice: eclipse-paho/paho.mqtt.c
+ * #972, #1341), so a context freed in the first callback would be used after free by the
+ * second. The contexts are a ring reused MQTT_CTX_RING attempts later, long after paho
+ * forgot the attempt; a repeated callback carries its attempt's generation and is ignored
+ * by the loop unless it is the current attempt's. */
 
 static void on_connect_ok(void *context, MQTTAsync_successData *resp) {
         struct conn_ctx *c = context;
         post(c->m, EV_CONNECTED, c->gen, 0, 0);
-        ctx_release(c);
 }
 
 static void on_connect_fail(void *context, MQTTAsync_failureData *resp) {
         struct conn_ctx *c = context;
         post(c->m, EV_CONNECT_FAILED, c->gen, 0, resp ? resp->code : -1);
-        ctx_release(c);
 }
 
 static void on_lost(void *context, char *cause) {
@@ -228,7 +219,9 @@ static void on_inbox(void *ud, struct gw_paho_item *it) {
                 }
                 break;
         case EV_CONNECT_FAILED:
-                if (e->gen == m->gen) {
+                /* (Once connected, a late failure callback of the same attempt is paho's double
+                 * callback: a lost connection comes as EV_LOST.) */
+                if (e->gen == m->gen && !m->connected) {
                         snprintf(why, sizeof why, "cannot connect to %s (paho code %d)", m->address, e->code);
                         gw_endpoint_down(m->ep, -ECONNREFUSED, why);
                 }
@@ -331,16 +324,10 @@ static int mqtt_connect(void *t) {
         struct mqtt_ep *m = t;
         MQTTAsync_connectOptions o = MQTTAsync_connectOptions_initializer;
         MQTTAsync_SSLOptions ssl = MQTTAsync_SSLOptions_initializer;
-        struct conn_ctx *c = malloc(sizeof *c);
-        if (!c)
-                return -ENOMEM;
         m->gen++;
         m->n_pend = 0;
+        struct conn_ctx *c = &m->ctx[m->gen % MQTT_CTX_RING];
         *c = (struct conn_ctx) { .m = m, .gen = m->gen };
-        pthread_mutex_lock(&m->lock);
-        c->next = m->ctxs;
-        m->ctxs = c;
-        pthread_mutex_unlock(&m->lock);
         o.keepAliveInterval = m->keep_alive_sec;
         o.cleansession = 1;
         o.connectTimeout = m->timeout_sec;
@@ -362,11 +349,11 @@ static int mqtt_connect(void *t) {
                     "Endpoint %s: connecting to %s", gw_endpoint_name(m->ep), m->address);
         int r = MQTTAsync_connect(m->client, &o);
         if (r != MQTTASYNC_SUCCESS) {
-                ctx_release(c);
                 char why[128];
                 snprintf(why, sizeof why, "paho refused to connect to %s (code %d)", m->address, r);
                 gw_endpoint_down(m->ep, -EIO, why);
-        }
+        } else
+                gw_paho_inbox_wake_receiver(m->inbox); /* else paho notices the socket up to 1 s later */
         return 0;
 }
 
@@ -444,12 +431,6 @@ static void mqtt_destroy(void *t) {
         struct mqtt_ep *m = t;
         if (m->client)
                 MQTTAsync_destroy(&m->client);
-        /* No callback runs after destroy: connects paho never answered are ours to free. */
-        for (struct conn_ctx *c = m->ctxs, *n; c; c = n) {
-                n = c->next;
-                free(c);
-        }
-        m->ctxs = NULL;
         m->inbox = gw_paho_inbox_free(m->inbox);
         pthread_mutex_destroy(&m->lock);
         free(m->address);

@@ -13,16 +13,19 @@
  *
  * Reconnecting after an outage: retry.max is long (10 s by default: one connection per device
  * to a cloud that throttles new connections), so while devices wait after a transport failure
- * (not a CONNACK refusal) the endpoint probes the cloud's address every 250 ms with a
+ * (not a CONNACK refusal) the endpoint probes the cloud's address every 100 ms with a
  * non-blocking TCP connect on the loop, closed as soon as it is answered (no TLS, no MQTT:
- * nothing the cloud counts as a connection attempt). Once a probe that had failed succeeds,
- * every waiting device retries at once (spread over 20 ms per device, at most 500 ms) and
- * "upstream NAME reachable again after Xs" is logged: once per outage (the next outage
- * begins after a device connected again). An address that answers from the first probe on
- * (the cloud dropped a connection, or refuses above TCP) leaves the backoff alone. paho adds
- * about a second to a connection when none of the process's paho connections is up (its
- * receive thread notices a new socket only after its 1 s poll), so the first message
- * reaches the cloud about 1.2 s after it is back.
+ * nothing the cloud counts as a connection attempt; the probe is the framework's,
+ * gw_tcp_probe in endpoint.h). Once a probe that had failed succeeds, every waiting device
+ * retries at once (the first at once, the others spread over 20 ms per device, at most
+ * 500 ms) and "upstream NAME reachable again after Xs" is logged: once per outage (the next
+ * outage begins after a device connected again). An address that answers from the first
+ * probe on (the cloud dropped a connection, or refuses above TCP) leaves the backoff alone.
+ * paho's receive thread would notice a new connection's socket only after its 1 s poll
+ * returns (when none of the process's paho connections has traffic); every connect therefore
+ * wakes it (gw_paho_inbox_wake_receiver(), paho-inbox.h), so the first message reaches the
+ * cloud a few tens of milliseconds after the TLS handshake and CONNACK, and at most one probe
+ * period plus that after the cloud is back.
  *
  * Up (the framework hands messages in order; each device has its own queue):
  *   - device messages (iothub-message-source Telemetry): QoS 1 publish to
@@ -112,8 +115,6 @@
 #define UP_CLIENT_TYPE "fieldhub%2F0.1"
 #define UP_CTX_RING 16u
 #define UP_SEEN_RING 64u                        /* C2D message ids remembered per device */
-#define UP_PROBE_USEC (250 * USEC_PER_MSEC)     /* reachability probe period during an outage */
-#define UP_PROBE_TIMEOUT_USEC (3 * USEC_PER_SEC) /* a probe connect unanswered this long: down */
 #define UP_SPOOL_MAGIC "FHC2D1"
 
 enum ev_kind { EV_CONNECTED, EV_CONNECT_FAILED, EV_LOST, EV_SUBSCRIBED, EV_PUB_OK, EV_PUB_FAILED, EV_ARRIVED,
@@ -199,16 +200,9 @@ struct up_ep {
         uint64_t spool_last;
         sd_event_source *spool_timer;  /* queues the spool again after a failure that may pass */
         struct up_ep *spool_next_ep;   /* in up_eps */
-        /* The reachability probe (see "Reconnecting after an outage" above). */
-        char *probe_host, probe_port[8];
-        sd_event_source *probe_timer, *probe_io;
-        int probe_fd;
-        bool probe_running, probe_spent, probe_saw_down, gai_busy, have_addr;
-        uint64_t probe_sent;           /* when the pending probe connect started */
-        struct gaicb gai;
-        struct addrinfo gai_hints;
-        struct sockaddr_storage probe_addr;
-        socklen_t probe_addrlen;
+        /* The reachability probe (see "Reconnecting after an outage" above; endpoint.h). */
+        struct gw_tcp_probe *probe;
+        bool probe_spent;
         uint64_t outage_start;
 };
 
@@ -536,54 +530,40 @@ static size_t probe_waiting(struct up_ep *u) {
         return n;
 }
 
-static void probe_close(struct up_ep *u) {
-        u->probe_io = sd_event_source_disable_unref(u->probe_io);
-        if (u->probe_fd >= 0)
-                close(u->probe_fd);
-        u->probe_fd = -1;
-}
-
-static void probe_stop(struct up_ep *u) {
-        probe_close(u);
-        if (u->probe_timer)
-                (void) sd_event_source_set_enabled(u->probe_timer, SD_EVENT_OFF);
-        u->probe_running = false;
-}
-
-static void probe_arm(struct up_ep *u, uint64_t usec) {
-        if (sd_event_source_set_time(u->probe_timer, mono_now() + usec) >= 0)
-                (void) sd_event_source_set_enabled(u->probe_timer, SD_EVENT_ONESHOT);
-}
-
-/* A device went down with a transport failure: probe the cloud's address every UP_PROBE_USEC
- * until it answers, once per outage (an outage ends when a device connects again). */
+/* A device went down with a transport failure: probe the cloud's address until it answers,
+ * once per outage (an outage ends when a device connects again). */
 static void probe_start(struct up_ep *u) {
-        if (!u->active || !u->probe_timer || u->probe_spent || u->probe_running)
+        if (!u->active || !u->probe || u->probe_spent || gw_tcp_probe_running(u->probe))
                 return;
         if (!u->outage_start)
                 u->outage_start = mono_now();
-        u->probe_running = true;
-        u->probe_saw_down = false;
-        u->have_addr = false; /* resolved again for every outage */
-        probe_arm(u, UP_PROBE_USEC);
+        gw_tcp_probe_start(u->probe);
+}
+
+static bool probe_wanted(void *ud) {
+        struct up_ep *u = ud;
+        if (u->active && probe_waiting(u) > 0)
+                return true;
+        u->outage_start = 0; /* they connected (or only refused devices wait) */
+        return false;
 }
 
 /* The cloud accepts TCP connections again: every device waiting after a transport failure
- * retries now, spread over a few milliseconds each (at most half a second), instead of at
- * the end of its backoff (up to retry.max). */
-static void probe_reachable(struct up_ep *u) {
+ * retries now (the first at once, the others spread over 20 ms each, at most half a second),
+ * instead of at the end of its backoff (up to retry.max). */
+static void probe_reachable(void *ud, bool was_down) {
+        struct up_ep *u = ud;
         uint64_t now = mono_now();
         size_t n = probe_waiting(u);
-        if (!u->probe_saw_down) {
+        u->probe_spent = true;
+        if (!was_down) {
                 /* Reachable from the first probe on: no network outage (the cloud closed a
                  * connection, or refuses above TCP): the devices keep their backoff, so that
                  * a cloud that keeps dropping them is not hammered. */
                 gw_log_full(LOG_DEBUG, 0, GW_FIELDS(.component = "uplink", .endpoint = gw_endpoint_name(u->ep)),
                             "Upstream %s: the cloud's address answers; the devices keep their backoff",
                             gw_endpoint_name(u->ep));
-                u->probe_spent = true;
                 u->outage_start = 0;
-                probe_stop(u);
                 return;
         }
         uint64_t span = n * 20 * USEC_PER_MSEC;
@@ -592,9 +572,10 @@ static void probe_reachable(struct up_ep *u) {
         if (span > 500 * USEC_PER_MSEC)
                 span = 500 * USEC_PER_MSEC;
         gw_log_full(LOG_NOTICE, 0, GW_FIELDS(.component = "uplink", .endpoint = gw_endpoint_name(u->ep)),
-                    "upstream %s reachable again after %.1fs (%s:%s answers); reconnecting %zu device%s now",
-                    gw_endpoint_name(u->ep), (double) (now - u->outage_start) / USEC_PER_SEC, u->probe_host,
-                    u->probe_port, n, n == 1 ? "" : "s");
+                    "upstream %s reachable again after %.1fs (%s answers); reconnecting %zu device%s now",
+                    gw_endpoint_name(u->ep), (double) (now - u->outage_start) / USEC_PER_SEC,
+                    gw_tcp_probe_target(u->probe), n, n == 1 ? "" : "s");
+        bool first = true;
         for (size_t i = 0; i < u->n_devs; i++) {
                 struct up_dev *d = &u->devs[i];
                 if (d->state != DEV_BACKOFF || d->refused || d->creating)
@@ -602,109 +583,10 @@ static void probe_reachable(struct up_ep *u) {
                 uint32_t rnd = 0;
                 (void) hub_random_bytes(&rnd, sizeof rnd);
                 d->failures = 0;
-                arm_timer(d, now + rnd % span);
+                arm_timer(d, first ? now : now + rnd % span);
+                first = false;
         }
-        u->probe_spent = true;
         u->outage_start = 0;
-        probe_stop(u);
-}
-
-static int on_probe_io(sd_event_source *s, int fd, uint32_t revents, void *ud) {
-        struct up_ep *u = ud;
-        int err = 0;
-        socklen_t l = sizeof err;
-        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &l) < 0)
-                err = errno;
-        probe_close(u);
-        if (err != 0)
-                u->probe_saw_down = true;
-        else if (u->probe_running)
-                probe_reachable(u);
-        return 0;
-}
-
-/* 0: u->probe_addr is set; 1: resolving (getaddrinfo_a, polled); -errno: failed. */
-static int probe_resolve(struct up_ep *u) {
-        if (!u->gai_busy) {
-                struct addrinfo hints = { .ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICHOST | AI_NUMERICSERV },
-                                *res = NULL;
-                if (getaddrinfo(u->probe_host, u->probe_port, &hints, &res) == 0 && res) {
-                        memcpy(&u->probe_addr, res->ai_addr, res->ai_addrlen);
-                        u->probe_addrlen = res->ai_addrlen;
-                        u->have_addr = true;
-                        freeaddrinfo(res);
-                        return 0;
-                }
-                if (res)
-                        freeaddrinfo(res);
-                u->gai_hints = (struct addrinfo) { .ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV };
-                u->gai = (struct gaicb) { .ar_name = u->probe_host, .ar_service = u->probe_port,
-                                          .ar_request = &u->gai_hints };
-                struct gaicb *list[1] = { &u->gai };
-                if (getaddrinfo_a(GAI_NOWAIT, list, 1, NULL) != 0)
-                        return -EAGAIN;
-                u->gai_busy = true;
-        }
-        int r = gai_error(&u->gai);
-        if (r == EAI_INPROGRESS)
-                return 1;
-        u->gai_busy = false;
-        if (r == 0 && u->gai.ar_result && u->gai.ar_result->ai_addrlen <= sizeof u->probe_addr) {
-                memcpy(&u->probe_addr, u->gai.ar_result->ai_addr, u->gai.ar_result->ai_addrlen);
-                u->probe_addrlen = u->gai.ar_result->ai_addrlen;
-                u->have_addr = true;
-        }
-        if (u->gai.ar_result)
-                freeaddrinfo(u->gai.ar_result);
-        u->gai.ar_result = NULL;
-        return u->have_addr ? 0 : -EHOSTUNREACH;
-}
-
-/* Every UP_PROBE_USEC while devices wait: a non-blocking TCP connect to the cloud's address,
- * closed as soon as it is answered (no TLS, no MQTT: it does not count as a connection
- * attempt). */
-static int on_probe_timer(sd_event_source *s, uint64_t usec, void *ud) {
-        struct up_ep *u = ud;
-        if (!u->active || probe_waiting(u) == 0) {
-                probe_stop(u); /* they connected (or only refused devices wait) */
-                u->outage_start = 0;
-                return 0;
-        }
-        if (u->probe_fd >= 0) {
-                if (mono_now() - u->probe_sent < UP_PROBE_TIMEOUT_USEC) {
-                        probe_arm(u, UP_PROBE_USEC); /* a long round trip: let it answer */
-                        return 0;
-                }
-                probe_close(u);
-                u->probe_saw_down = true;
-        }
-        int r = u->have_addr ? 0 : probe_resolve(u);
-        if (r == 1) {
-                probe_arm(u, 100 * USEC_PER_MSEC);
-                return 0;
-        }
-        if (r < 0)
-                u->probe_saw_down = true;
-        else {
-                int fd = socket(u->probe_addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-                if (fd >= 0) {
-                        if (connect(fd, (struct sockaddr *) &u->probe_addr, u->probe_addrlen) == 0) {
-                                close(fd);
-                                probe_reachable(u);
-                                return 0;
-                        }
-                        if (errno == EINPROGRESS &&
-                            sd_event_add_io(gw_endpoint_event(u->ep), &u->probe_io, fd, EPOLLOUT, on_probe_io, u) >= 0) {
-                                u->probe_fd = fd;
-                                u->probe_sent = mono_now();
-                        } else {
-                                close(fd); /* refused at once: still down */
-                                u->probe_saw_down = true;
-                        }
-                }
-        }
-        probe_arm(u, UP_PROBE_USEC);
-        return 0;
 }
 
 static void dev_connect(struct up_dev *d) {
@@ -758,7 +640,8 @@ static void dev_connect(struct up_dev *d) {
                 char why[96];
                 snprintf(why, sizeof why, "paho refused to connect (code %d)", r);
                 dev_down(d, why);
-        }
+        } else
+                gw_paho_inbox_wake_receiver(u->inbox); /* else paho notices the socket up to 1 s later */
 }
 
 static void publish_raw(struct up_dev *d, const char *topic, const void *body, size_t len, int qos) {
@@ -1672,7 +1555,7 @@ static int up_create(struct gw_endpoint *ep, const struct gw_endpoint_conf *c, v
         int r;
         if (!u)
                 return -ENOMEM;
-        u->spool_dirfd = u->probe_fd = -1;
+        u->spool_dirfd = -1;
         pthread_mutex_init(&u->spool_lock, NULL);
         u->ep = ep;
         u->hub = gw_endpoint_hub(ep);
@@ -1700,20 +1583,18 @@ static int up_create(struct gw_endpoint *ep, const struct gw_endpoint_conf *c, v
                 }
         }
         u->devs = calloc(c->n_devices, sizeof *u->devs);
-        u->probe_host = strdup(c->gateway_host ? c->gateway_host : c->host_name);
-        snprintf(u->probe_port, sizeof u->probe_port, "%u", c->port);
-        if (!u->host_name || !u->username_tail || !u->address || !u->devs || (c->ca_file && !u->ca_file) ||
-            !u->probe_host) {
+        if (!u->host_name || !u->username_tail || !u->address || !u->devs || (c->ca_file && !u->ca_file)) {
                 up_destroy(u);
                 return -ENOMEM;
         }
-        r = sd_event_add_time(gw_endpoint_event(ep), &u->probe_timer, CLOCK_BOOTTIME, UINT64_MAX, 10 * USEC_PER_MSEC,
-                              on_probe_timer, u);
+        char port[8];
+        snprintf(port, sizeof port, "%u", c->port);
+        r = gw_tcp_probe_new(gw_endpoint_event(ep), c->gateway_host ? c->gateway_host : c->host_name, port,
+                             probe_reachable, probe_wanted, u, &u->probe);
         if (r < 0) {
                 up_destroy(u);
                 return r;
         }
-        (void) sd_event_source_set_enabled(u->probe_timer, SD_EVENT_OFF);
         r = spool_open(u, c->name);
         if (r >= 0)
                 r = sd_event_add_time(gw_endpoint_event(ep), &u->spool_timer, CLOCK_BOOTTIME, UINT64_MAX,
@@ -1867,18 +1748,7 @@ static void up_destroy(void *t) {
                         (void) pthread_join(u->devs[i].create_thread, NULL); /* at most its 10 s timeout */
         /* (C2D messages still in the inbox stay in the spool: see below.) */
         u->inbox = gw_paho_inbox_free(u->inbox);
-        probe_close(u);
-        sd_event_source_disable_unref(u->probe_timer);
-        if (u->gai_busy && gai_cancel(&u->gai) == EAI_NOTCANCELED) {
-                /* A name lookup is running on glibc's thread: wait for it (the resolver's
-                 * timeouts bound it) so that it never writes into freed memory. */
-                const struct gaicb *list[1] = { &u->gai };
-                while (gai_error(&u->gai) == EAI_INPROGRESS)
-                        (void) gai_suspend(list, 1, NULL);
-        }
-        if (u->gai.ar_result)
-                freeaddrinfo(u->gai.ar_result);
-        free(u->probe_host);
+        u->probe = gw_tcp_probe_free(u->probe);
         for (struct up_ep **p = &up_eps; *p; p = &(*p)->spool_next_ep)
                 if (*p == u) {
                         *p = u->spool_next_ep;

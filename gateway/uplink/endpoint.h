@@ -16,6 +16,10 @@
  * State machine:   STOPPED → CONNECTING → UP ⇄ (send, confirm)
  *                                  ↑         ↓ gw_endpoint_down()
  *                                  └─ BACKOFF (retry.initial doubling to retry.max, ±25% jitter capped at retry.max)
+ * While in BACKOFF an endpoint with a host:port is probed (gw_tcp_probe below): when its far
+ * side accepts TCP connections again after an outage, the next attempt starts at once instead
+ * of at the end of the backoff; a far side that answers TCP but refuses above it keeps the
+ * backoff.
  * Going down forgets everything unconfirmed: the next connection resends from the cursor
  * (duplicates possible, nothing lost). An endpoint that is down never blocks the others:
  * each has its own cursor, and the outbox's capacity policy (drop-oldest / reject-new)
@@ -84,3 +88,42 @@ const char *gw_endpoint_name(const struct gw_endpoint *ep);
 struct sd_event *gw_endpoint_event(const struct gw_endpoint *ep);
 /* The hub the endpoint's uplink serves (for transports that also carry traffic down: upstream). */
 struct gw_hub *gw_endpoint_hub(const struct gw_endpoint *ep);
+
+/* ---- the TCP reachability probe (uplink.c) -------------------------------------------------
+ *
+ * While an endpoint cannot reach its far side, its retries wait for a backoff of up to
+ * retry.max; the probe shortens the wait after an outage: every GW_TCP_PROBE_PERIOD_USEC a
+ * non-blocking TCP connect to the far side's host:port on the event loop, closed as soon as it
+ * is answered (no TLS, no MQTT / HTTP: nothing the far side counts as a connection attempt).
+ * The framework runs one for every endpoint with a host:port (mqtt `address`, http `url`)
+ * while it is down; upstream runs one for its devices.
+ *
+ * The first probe that succeeds calls reachable(ud, was_down) and stops the probe. was_down
+ * is true when an earlier probe of this run had failed (a real outage that is now over: retry
+ * at once) and false when the address answered from the first probe on (the far side is
+ * there but dropped or refused the connection above TCP, a CONNACK refusal or a TLS error:
+ * keep the backoff, so a far side that refuses is not hammered). A probe connect unanswered
+ * for GW_TCP_PROBE_TIMEOUT_USEC counts as failed. Host names are resolved without blocking
+ * (getaddrinfo_a) once per start. Loop thread only. */
+#define GW_TCP_PROBE_PERIOD_USEC UINT64_C(100000)  /* 100 ms */
+#define GW_TCP_PROBE_TIMEOUT_USEC UINT64_C(3000000) /* 3 s */
+
+struct gw_tcp_probe;
+typedef void (*gw_tcp_probe_reachable_fn)(void *ud, bool was_down);
+/* wanted (optional) is asked before every probe: false stops the probe quietly. host and port
+ * are copied. -errno (memory, sd-event). */
+int gw_tcp_probe_new(struct sd_event *e, const char *host, const char *port, gw_tcp_probe_reachable_fn reachable,
+                     bool (*wanted)(void *ud), void *ud, struct gw_tcp_probe **ret);
+/* Starts probing (the first probe one period from now); nothing if it already runs. */
+void gw_tcp_probe_start(struct gw_tcp_probe *p);
+void gw_tcp_probe_stop(struct gw_tcp_probe *p);
+bool gw_tcp_probe_running(const struct gw_tcp_probe *p);
+/* "host:port", for logs. */
+const char *gw_tcp_probe_target(const struct gw_tcp_probe *p);
+/* Accepts NULL; returns NULL. Waits for a name lookup under way (bounded by the resolver's
+ * timeouts) so that it never writes into freed memory. */
+struct gw_tcp_probe *gw_tcp_probe_free(struct gw_tcp_probe *p);
+/* Host and port of an endpoint address or URL: scheme://host[:port][/...] or host:port, with
+ * [v6] literals; the port defaults by scheme (tcp, mqtt: 1883; ssl, mqtts: 8883; ws, http: 80;
+ * wss, https: 443). -EINVAL if there is no host or no known default port; -ENOMEM. */
+int gw_address_host_port(const char *address, char **ret_host, char **ret_port);

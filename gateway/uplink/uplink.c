@@ -2,10 +2,13 @@
 /* The endpoint framework and the set of configured endpoints (endpoint.h, uplink.h). */
 
 #include <errno.h>
+#include <netdb.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "config.h"
 #include "endpoint.h"
@@ -38,6 +41,12 @@ struct gw_endpoint {
         struct hub_outbox_endpoint *oep;
         enum ep_state state;
         bool was_up, down_logged, in_pump, pump_again;
+        /* The reachability probe while down (endpoint.h); spent: it answered once in this
+         * outage (the outage ends when the endpoint is up again); reachable_again: it answered
+         * after an outage while a connection attempt was under way (if that attempt fails, the
+         * next one starts at once). */
+        struct gw_tcp_probe *probe;
+        bool probe_spent, reachable_again;
         unsigned failures;
         char *last_error;
         uint64_t read_pos;   /* last seq handed out (or skipped) */
@@ -90,6 +99,269 @@ struct sd_event *gw_endpoint_event(const struct gw_endpoint *ep) {
 
 struct gw_hub *gw_endpoint_hub(const struct gw_endpoint *ep) {
         return ep->u->hub;
+}
+
+/* ---- the TCP reachability probe (endpoint.h) ---------------------------------------------- */
+
+struct gw_tcp_probe {
+        sd_event *event;
+        char *host, *port, *target;
+        gw_tcp_probe_reachable_fn reachable;
+        bool (*wanted)(void *ud);
+        void *ud;
+        sd_event_source *timer, *io;
+        int fd;
+        bool running, saw_down, gai_busy, have_addr;
+        uint64_t sent;                 /* when the pending probe connect started */
+        struct gaicb gai;
+        struct addrinfo gai_hints;
+        struct sockaddr_storage addr;
+        socklen_t addrlen;
+};
+
+static void probe_close(struct gw_tcp_probe *p) {
+        p->io = sd_event_source_disable_unref(p->io);
+        if (p->fd >= 0)
+                close(p->fd);
+        p->fd = -1;
+}
+
+void gw_tcp_probe_stop(struct gw_tcp_probe *p) {
+        if (!p)
+                return;
+        probe_close(p);
+        (void) sd_event_source_set_enabled(p->timer, SD_EVENT_OFF);
+        p->running = false;
+}
+
+static void probe_arm(struct gw_tcp_probe *p, uint64_t usec) {
+        if (sd_event_source_set_time(p->timer, mono_now() + usec) >= 0)
+                (void) sd_event_source_set_enabled(p->timer, SD_EVENT_ONESHOT);
+}
+
+void gw_tcp_probe_start(struct gw_tcp_probe *p) {
+        if (!p || p->running)
+                return;
+        p->running = true;
+        p->saw_down = false;
+        p->have_addr = false; /* resolved again for every run */
+        probe_arm(p, GW_TCP_PROBE_PERIOD_USEC);
+}
+
+bool gw_tcp_probe_running(const struct gw_tcp_probe *p) {
+        return p && p->running;
+}
+
+const char *gw_tcp_probe_target(const struct gw_tcp_probe *p) {
+        return p ? p->target : "";
+}
+
+static void probe_answered(struct gw_tcp_probe *p) {
+        bool was_down = p->saw_down;
+        gw_tcp_probe_stop(p);
+        p->reachable(p->ud, was_down); /* last: it may free or restart the probe */
+}
+
+static int on_probe_io(sd_event_source *s, int fd, uint32_t revents, void *ud) {
+        struct gw_tcp_probe *p = ud;
+        int err = 0;
+        socklen_t l = sizeof err;
+        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &l) < 0)
+                err = errno;
+        probe_close(p);
+        if (err != 0)
+                p->saw_down = true;
+        else if (p->running)
+                probe_answered(p);
+        return 0;
+}
+
+/* 0: p->addr is set; 1: resolving (getaddrinfo_a, polled); -errno: failed. */
+static int probe_resolve(struct gw_tcp_probe *p) {
+        if (!p->gai_busy) {
+                struct addrinfo hints = { .ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICHOST | AI_NUMERICSERV },
+                                *res = NULL;
+                if (getaddrinfo(p->host, p->port, &hints, &res) == 0 && res && res->ai_addrlen <= sizeof p->addr) {
+                        memcpy(&p->addr, res->ai_addr, res->ai_addrlen);
+                        p->addrlen = res->ai_addrlen;
+                        p->have_addr = true;
+                        freeaddrinfo(res);
+                        return 0;
+                }
+                if (res)
+                        freeaddrinfo(res);
+                p->gai_hints = (struct addrinfo) { .ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV };
+                p->gai = (struct gaicb) { .ar_name = p->host, .ar_service = p->port, .ar_request = &p->gai_hints };
+                struct gaicb *list[1] = { &p->gai };
+                if (getaddrinfo_a(GAI_NOWAIT, list, 1, NULL) != 0)
+                        return -EAGAIN;
+                p->gai_busy = true;
+        }
+        int r = gai_error(&p->gai);
+        if (r == EAI_INPROGRESS)
+                return 1;
+        p->gai_busy = false;
+        if (r == 0 && p->gai.ar_result && p->gai.ar_result->ai_addrlen <= sizeof p->addr) {
+                memcpy(&p->addr, p->gai.ar_result->ai_addr, p->gai.ar_result->ai_addrlen);
+                p->addrlen = p->gai.ar_result->ai_addrlen;
+                p->have_addr = true;
+        }
+        if (p->gai.ar_result)
+                freeaddrinfo(p->gai.ar_result);
+        p->gai.ar_result = NULL;
+        return p->have_addr ? 0 : -EHOSTUNREACH;
+}
+
+static int on_probe_timer(sd_event_source *s, uint64_t usec, void *ud) {
+        struct gw_tcp_probe *p = ud;
+        if (!p->running)
+                return 0;
+        if (p->wanted && !p->wanted(p->ud)) {
+                gw_tcp_probe_stop(p);
+                return 0;
+        }
+        if (p->fd >= 0) {
+                if (mono_now() - p->sent < GW_TCP_PROBE_TIMEOUT_USEC) {
+                        probe_arm(p, GW_TCP_PROBE_PERIOD_USEC); /* a long round trip: let it answer */
+                        return 0;
+                }
+                probe_close(p);
+                p->saw_down = true;
+        }
+        int r = p->have_addr ? 0 : probe_resolve(p);
+        if (r == 1) {
+                probe_arm(p, GW_TCP_PROBE_PERIOD_USEC);
+                return 0;
+        }
+        if (r < 0)
+                p->saw_down = true;
+        else {
+                int fd = socket(p->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+                if (fd >= 0) {
+                        if (connect(fd, (struct sockaddr *) &p->addr, p->addrlen) == 0) {
+                                close(fd);
+                                probe_answered(p);
+                                return 0;
+                        }
+                        if (errno == EINPROGRESS &&
+                            sd_event_add_io(p->event, &p->io, fd, EPOLLOUT, on_probe_io, p) >= 0) {
+                                p->fd = fd;
+                                p->sent = mono_now();
+                        } else {
+                                close(fd); /* refused at once: still down */
+                                p->saw_down = true;
+                        }
+                }
+        }
+        probe_arm(p, GW_TCP_PROBE_PERIOD_USEC);
+        return 0;
+}
+
+int gw_tcp_probe_new(sd_event *e, const char *host, const char *port, gw_tcp_probe_reachable_fn reachable,
+                     bool (*wanted)(void *ud), void *ud, struct gw_tcp_probe **ret) {
+        struct gw_tcp_probe *p;
+        int r;
+        if (!e || !host || !port || !reachable || !ret)
+                return -EINVAL;
+        p = calloc(1, sizeof *p);
+        if (!p)
+                return -ENOMEM;
+        p->fd = -1;
+        p->event = sd_event_ref(e);
+        p->reachable = reachable;
+        p->wanted = wanted;
+        p->ud = ud;
+        p->host = strdup(host);
+        p->port = strdup(port);
+        if (!p->host || !p->port ||
+            asprintf(&p->target, strchr(host, ':') ? "[%s]:%s" : "%s:%s", host, port) < 0) {
+                p->target = NULL;
+                gw_tcp_probe_free(p);
+                return -ENOMEM;
+        }
+        r = sd_event_add_time(e, &p->timer, CLOCK_BOOTTIME, UINT64_MAX, 10 * USEC_PER_MSEC, on_probe_timer, p);
+        if (r < 0) {
+                gw_tcp_probe_free(p);
+                return r;
+        }
+        (void) sd_event_source_set_enabled(p->timer, SD_EVENT_OFF);
+        *ret = p;
+        return 0;
+}
+
+struct gw_tcp_probe *gw_tcp_probe_free(struct gw_tcp_probe *p) {
+        if (!p)
+                return NULL;
+        probe_close(p);
+        sd_event_source_disable_unref(p->timer);
+        if (p->gai_busy && gai_cancel(&p->gai) == EAI_NOTCANCELED) {
+                /* A name lookup is running on glibc's thread: wait for it (the resolver's
+                 * timeouts bound it) so that it never writes into freed memory. */
+                const struct gaicb *list[1] = { &p->gai };
+                while (gai_error(&p->gai) == EAI_INPROGRESS)
+                        (void) gai_suspend(list, 1, NULL);
+        }
+        if (p->gai.ar_result)
+                freeaddrinfo(p->gai.ar_result);
+        sd_event_unref(p->event);
+        free(p->host);
+        free(p->port);
+        free(p->target);
+        free(p);
+        return NULL;
+}
+
+int gw_address_host_port(const char *address, char **ret_host, char **ret_port) {
+        static const struct {
+                const char *scheme, *port;
+        } defaults[] = {
+                { "tcp", "1883" }, { "mqtt", "1883" }, { "ssl", "8883" }, { "mqtts", "8883" },
+                { "ws", "80" },    { "wss", "443" },   { "http", "80" },  { "https", "443" },
+        };
+        const char *p = address, *def = NULL, *host, *host_end, *port = NULL;
+        size_t port_len = 0;
+        if (!address || !ret_host || !ret_port)
+                return -EINVAL;
+        const char *sep = strstr(address, "://");
+        if (sep) {
+                for (size_t i = 0; i < ELEMENTSOF(defaults); i++)
+                        if (strlen(defaults[i].scheme) == (size_t) (sep - address) &&
+                            strncasecmp(address, defaults[i].scheme, (size_t) (sep - address)) == 0)
+                                def = defaults[i].port;
+                p = sep + 3;
+        }
+        /* user:password@ (http URLs) */
+        const char *at = strchr(p, '@'), *slash = strpbrk(p, "/?#");
+        if (at && (!slash || at < slash))
+                p = at + 1;
+        if (*p == '[') {
+                host = p + 1;
+                host_end = strchr(host, ']');
+                if (!host_end)
+                        return -EINVAL;
+                p = host_end + 1;
+        } else {
+                host = p;
+                host_end = p + strcspn(p, ":/?#");
+                p = host_end;
+        }
+        if (*p == ':') {
+                port = p + 1;
+                port_len = strspn(port, "0123456789");
+                if (port_len == 0 || port_len > 5)
+                        return -EINVAL;
+        }
+        if (host_end == host || (!port && !def))
+                return -EINVAL;
+        char *h = strndup(host, (size_t) (host_end - host)), *pt = port ? strndup(port, port_len) : strdup(def);
+        if (!h || !pt) {
+                free(h);
+                free(pt);
+                return -ENOMEM;
+        }
+        *ret_host = h;
+        *ret_port = pt;
+        return 0;
 }
 
 /* ---- the in-flight ring ----------------------------------------------------------------- */
@@ -159,15 +431,45 @@ static void schedule_pump(struct gw_endpoint *ep) {
                 (void) sd_event_source_set_enabled(ep->pump_source, SD_EVENT_ONESHOT);
 }
 
-static int on_retry(sd_event_source *s, uint64_t usec, void *ud) {
-        struct gw_endpoint *ep = ud;
+static void retry_now(struct gw_endpoint *ep) {
         if (ep->state != EP_BACKOFF)
-                return 0;
+                return;
+        (void) sd_event_source_set_enabled(ep->retry_timer, SD_EVENT_OFF);
         ep->state = EP_CONNECTING;
         int r = ep->ops->connect(ep->t);
         if (r < 0 && ep->state == EP_CONNECTING)
                 gw_endpoint_down(ep, r, "connect failed");
+}
+
+static int on_retry(sd_event_source *s, uint64_t usec, void *ud) {
+        retry_now(ud);
         return 0;
+}
+
+static bool probe_wanted(void *ud) {
+        struct gw_endpoint *ep = ud;
+        return ep->state == EP_BACKOFF || ep->state == EP_CONNECTING;
+}
+
+/* The far side's host:port answers TCP connects again. */
+static void on_reachable(void *ud, bool was_down) {
+        struct gw_endpoint *ep = ud;
+        ep->probe_spent = true;
+        if (!was_down) {
+                /* Answered from the first probe on: the far side is there and dropped or refused
+                 * the connection above TCP; the backoff stays, so that it is not hammered. */
+                gw_log_full(LOG_DEBUG, 0, GW_FIELDS(.component = "uplink", .endpoint = ep->name),
+                            "Endpoint %s: %s answers; the retries keep their backoff", ep->name,
+                            gw_tcp_probe_target(ep->probe));
+                return;
+        }
+        gw_log_full(LOG_INFO, 0, GW_FIELDS(.component = "uplink", .endpoint = ep->name),
+                    "Endpoint %s: %s answers again; reconnecting now", ep->name, gw_tcp_probe_target(ep->probe));
+        ep->failures = 0;
+        if (ep->state == EP_CONNECTING)
+                ep->reachable_again = true; /* an attempt is under way; if it fails, retry at once */
+        else
+                retry_now(ep);
 }
 
 static uint64_t backoff_delay(struct gw_endpoint *ep) {
@@ -207,9 +509,13 @@ void gw_endpoint_down(struct gw_endpoint *ep, int error, const char *why) {
         /* Everything unconfirmed is resent from the cursor on the next connection. */
         ring_clear(ep);
         ep->read_pos = ep->confirmed;
-        uint64_t at = mono_now() + backoff_delay(ep);
+        /* An attempt that started before the probe saw the far side return: once more now. */
+        uint64_t at = mono_now() + (ep->reachable_again ? 0 : backoff_delay(ep));
+        ep->reachable_again = false;
         if (sd_event_source_set_time(ep->retry_timer, at) >= 0)
                 (void) sd_event_source_set_enabled(ep->retry_timer, SD_EVENT_ONESHOT);
+        if (ep->probe && !ep->probe_spent)
+                gw_tcp_probe_start(ep->probe);
 }
 
 void gw_endpoint_up(struct gw_endpoint *ep) {
@@ -217,6 +523,8 @@ void gw_endpoint_up(struct gw_endpoint *ep) {
                 return;
         ep->state = EP_UP;
         ep->failures = 0;
+        ep->probe_spent = ep->reachable_again = false; /* the next outage is probed again */
+        gw_tcp_probe_stop(ep->probe);
         if (ep->down_logged)
                 gw_log_full(LOG_NOTICE, 0,
                             GW_FIELDS(.component = "uplink", .endpoint = ep->name, .message_id = GW_MSG_ENDPOINT_UP,
@@ -465,6 +773,7 @@ static struct gw_endpoint *ep_free(struct gw_endpoint *ep) {
         }
         sd_event_source_disable_unref(ep->retry_timer);
         sd_event_source_disable_unref(ep->pump_source);
+        gw_tcp_probe_free(ep->probe);
         free(ep->ring);
         free(ep->name);
         free(ep->fingerprint);
@@ -523,6 +832,18 @@ static int ep_new(struct gw_uplink *u, const struct gw_endpoint_conf *c, struct 
                 ep_free(ep);
                 return gw_log_errno(LOG_ERR, r, "Cannot set up endpoint %s (%s): %m", c->name,
                                     gw_endpoint_type_to_string(c->type));
+        }
+        /* Endpoints with a host:port are probed while down (upstream probes for its devices). */
+        const char *addr = c->type == GW_ENDPOINT_MQTT ? c->address : c->type == GW_ENDPOINT_HTTP ? c->url : NULL;
+        if (addr) {
+                _cleanup_free_ char *host = NULL, *port = NULL;
+                r = gw_address_host_port(addr, &host, &port);
+                if (r >= 0)
+                        r = gw_tcp_probe_new(u->event, host, port, on_reachable, probe_wanted, ep, &ep->probe);
+                if (r < 0)
+                        gw_log_full(LOG_WARNING, r, GW_FIELDS(.component = "uplink", .endpoint = c->name),
+                                    "Endpoint %s: no reachability probe for %s (%m): retries follow the backoff only",
+                                    c->name, addr);
         }
         *ret = ep;
         return 0;

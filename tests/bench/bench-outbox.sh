@@ -19,6 +19,10 @@
 #   EP_WINDOW [1000]  in-flight window of fieldhub's mqtt endpoint (`inflight`), and of the
 #                     second paho contender (one client, like the endpoint)
 #   RT [0]            1: servers and generators SCHED_FIFO (as root; same for every contender)
+#   DRAIN_ONLY [0]    1: skip the ingest runs, only the drain (with e.g. BACKLOG=20000 to iterate
+#                     on the drain's start; the live rate then is LIVE_RATE [20000] msg/s)
+#   DRAIN_RUNS [1]    drains in a row (sink down, buffer BACKLOG, sink up, measure); the median
+#                     of the first-confirmed delays is printed after the runs
 #
 # Placement (identical for every contender as far as there is a counterpart):
 #   SERVER_CPU: fieldhubd | the contender mosquitto (TLS)
@@ -58,6 +62,9 @@ GEN_CPU=${GEN_CPU:-1}
 PAHO_PROCS=${PAHO_PROCS:-1}
 EP_WINDOW=${EP_WINDOW:-1000}
 RT=${RT:-0}
+DRAIN_ONLY=${DRAIN_ONLY:-0}
+DRAIN_RUNS=${DRAIN_RUNS:-1}
+LIVE_RATE=${LIVE_RATE:-20000}
 PIN_S="taskset -c $SERVER_CPU" PIN_G="taskset -c $GEN_CPU"
 if [ "$RT" = 1 ]; then PIN_S="chrt -f 10 $PIN_S" PIN_G="chrt -f 10 $PIN_G"; fi
 CIPHERS=ECDHE-ECDSA-AES128-GCM-SHA256
@@ -194,6 +201,7 @@ echo "bench-outbox: $CONNS connections, window $WINDOW, $PAYLOAD B QoS 1; fieldh
      "mqtt-load, paho-pub and the sink mosquitto on CPU $GEN_CPU${RT:+ (RT=$RT)}" >&2
 RES=$WORK/results.jsonl
 : > "$RES"
+[ "$DRAIN_ONLY" = 1 ] && RUNS=0
 for i in $(seq "$RUNS"); do
         r=$(load "$FH_PORT" "$FH_PID" --duration "$DURATION" --warmup "$WARMUP"); echo "{\"s\":\"fieldhub\",\"r\":${r:-null}}" >> "$RES"
         # let both endpoints catch up before the next run
@@ -205,7 +213,7 @@ for i in $(seq "$RUNS"); do
         r=$(paho "$MQ_PORT" "$MQ_PID" 1 "$EP_WINDOW" 1); echo "{\"s\":\"paho1\",\"r\":${r:-null}}" >> "$RES"
         r=$(load "$MQ_PORT" "$MQ_PID" --duration "$DURATION" --warmup "$WARMUP"); echo "{\"s\":\"mosquitto\",\"r\":$r}" >> "$RES"
 done
-python3 - "$RES" <<'EOF'
+[ "$DRAIN_ONLY" = 1 ] || python3 - "$RES" <<'EOF'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 def med(s, k):
@@ -229,13 +237,17 @@ print(f"ingest ratio fieldhub / mqtt-load -> mosquitto (context): {fh / mq:.2f}x
 EOF
 
 # ---- drain ---------------------------------------------------------------------------------
+DRAINS=$WORK/drains.txt
+: > "$DRAINS"
+for drain_run in $(seq "$DRAIN_RUNS"); do
 stop_pid "$SINK_PID"; SINK_PID=
 sleep 0.5
 start_backlog=$(eps | python3 -c 'import json,sys; print({e["name"]: e for e in json.load(sys.stdin)}["sink"]["backlog"]["count"])')
-per_sec=$(python3 - "$RES" <<'EOF'
+per_sec=$(python3 - "$RES" "$LIVE_RATE" <<'EOF'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-print(int(statistics.median([d["r"]["msgs_per_sec"] for d in rows if d["s"] == "fieldhub" and d["r"]]) or 1000))
+v = [d["r"]["msgs_per_sec"] for d in rows if d["s"] == "fieldhub" and d["r"]]
+print(int(statistics.median(v)) if v else int(sys.argv[2]))
 EOF
 )
 secs=$(python3 -c "import math; print(max(2, math.ceil(($BACKLOG - $start_backlog) / max(1, $per_sec) * 1.3)))")
@@ -244,7 +256,7 @@ load "$FH_PORT" "$FH_PID" --duration "$secs" --warmup 1 > /dev/null  # (mqtt-loa
 backlog=$(eps | python3 -c 'import json,sys; print({e["name"]: e for e in json.load(sys.stdin)}["sink"]["backlog"]["count"])')
 echo "bench-outbox: sink backlog $backlog messages; starting the sink broker" >&2
 $PIN_G mosquitto -c "$WORK/sink.conf" 2>>"$WORK/sink.log" & SINK_PID=$!
-python3 - "$FIELDHUBCTL" "$WORK/admin.sock" "$backlog" "$SINK_PORT" "$per_sec" <<'EOF'
+python3 - "$FIELDHUBCTL" "$WORK/admin.sock" "$backlog" "$SINK_PORT" "$per_sec" "$DRAINS" <<'EOF'
 import json, socket, subprocess, sys, time
 ctl, sock, backlog, port, live = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
 t_start = time.time()
@@ -277,7 +289,20 @@ rate = backlog / max(1e-9, total - (first or 0))
 print(f"drain of {backlog} messages: first confirmed {first:.3f} s after the broker accepted connections "
       f"(goal <= 1 s), empty after "
       f"{total:.2f} s: {rate:.0f} msg/s ({rate / live:.2f}x the live ingest rate of {live:.0f} msg/s; goal >= 0.5x)")
+with open(sys.argv[6], "a") as f:
+    f.write(f"{first} {rate}\n")
 EOF
+done
+if [ "$DRAIN_RUNS" -gt 1 ]; then
+        python3 - "$DRAINS" <<'EOF'
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+firsts = sorted(float(r[0]) for r in rows)
+print(f"drain start over {len(rows)} runs: median {statistics.median(firsts):.3f} s, min {firsts[0]:.3f} s, "
+      f"max {firsts[-1]:.3f} s (first confirmed after the broker accepted connections; goal <= 1 s); "
+      f"runs {[round(x, 3) for x in firsts]}; drain rate median {statistics.median(float(r[1]) for r in rows):.0f} msg/s")
+EOF
+fi
 if grep -qiE "sanitizer|runtime error" "$WORK/fieldhubd.log"; then
         echo "bench-outbox: fieldhubd reported errors:" >&2; grep -iE "sanitizer|runtime error" "$WORK/fieldhubd.log" | head >&2
 fi

@@ -18,6 +18,7 @@
 #include "adp-coap.h"
 #include "config.h"
 #include "hub.h"
+#include "hub/json-dump.h"
 #include "hub/method.h"
 #include "hub/msg.h"
 #include "hub/outbox.h"
@@ -165,7 +166,7 @@ static void node_text(const struct adp_conf_node *n, FILE *f) {
         case ADP_CONF_SCALAR: {
                 json_t *s = json_string(adp_conf_scalar(n));
                 if (s)
-                        json_dumpf(s, f, JSON_ENCODE_ANY);
+                        hub_json_dumpf(s, f, JSON_ENCODE_ANY);
                 json_decref(s);
                 break;
         }

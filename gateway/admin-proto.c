@@ -9,10 +9,11 @@
 #include <unistd.h>
 
 #include "admin-proto.h"
+#include "hub/json-dump.h"
 #include "hub/macro.h"
 
 int gw_admin_encode(const json_t *j, char **ret, size_t *ret_len) {
-        char *s = json_dumps(j, JSON_COMPACT | JSON_ENCODE_ANY);
+        char *s = hub_json_dumps(j, JSON_COMPACT | JSON_ENCODE_ANY);
         if (!s)
                 return -ENOMEM;
         size_t n = strlen(s);

@@ -12,6 +12,7 @@
 #include "config.h"
 #include "hub.h"
 #include "hub/clock.h"
+#include "hub/json-dump.h"
 #include "hub/method.h"
 #include "hub/msg.h"
 #include "hub/outbox.h"
@@ -97,7 +98,7 @@ static void on_c2d_available(void *userdata, const char *device_id) {
 
 static void on_desired(void *userdata, const char *device_id, const json_t *patch, int64_t version) {
         struct gw_hub *h = userdata;
-        _cleanup_free_ char *text = json_dumps(patch, JSON_COMPACT);
+        _cleanup_free_ char *text = hub_json_dumps(patch, JSON_COMPACT);
         if (text)
                 (void) hub_sessions_deliver_desired(h->sessions, device_id, NULL, text, version);
 }

@@ -57,6 +57,7 @@
 #include "config.h"
 #include "hub/auth.h"
 #include "hub/clock.h"
+#include "hub/json-dump.h"
 #include "hub/msg.h"
 #include "hub/outbox.h"
 #include "hub/queue.h"
@@ -596,7 +597,7 @@ static int batch_messages(struct api_req *req, struct hub_msg ***ret, size_t *re
                         p = json_string_value(body);
                         len = json_string_length(body);
                 } else {
-                        text = json_dumps(body, JSON_COMPACT | JSON_ENCODE_ANY);
+                        text = hub_json_dumps(body, JSON_COMPACT | JSON_ENCODE_ANY);
                         if (!text) {
                                 api_reply_errno(req, r = -ENOMEM, "Batch");
                                 goto fail;
@@ -1256,7 +1257,7 @@ void api_dev_file_notify(struct api_req *req) {
         json_t *n = json_pack("{s:s, s:s, s:s, s:s, s:I, s:s}", "deviceId", req->device_id, "blobUri", uri, "blobName",
                               blob_full, "lastUpdatedTime", t_mod, "blobSizeInBytes", (json_int_t) st.st_size,
                               "enqueuedTimeUtc", t_now);
-        body = n ? json_dumps(n, JSON_COMPACT) : NULL;
+        body = n ? hub_json_dumps(n, JSON_COMPACT) : NULL;
         json_decref(n);
         _cleanup_(hub_msg_unrefp) struct hub_msg *m = NULL;
         r = body ? hub_msg_new(body, strlen(body), HUB_MSG_D2C_MAX_SIZE, &m) : -ENOMEM;

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "api/api-internal.h"
+#include "hub/json-dump.h"
 #include "hub/method.h"
 
 static const char *const method_fields[] = { "methodName", "payload", "responseTimeoutInSeconds",
@@ -94,7 +95,7 @@ void api_method_invoke(struct api_req *req) {
             get_timeout(req, body, "connectTimeoutInSeconds", &cto) < 0)
                 return;
         json_t *p = json_object_get(body, "payload");
-        payload = json_dumps(p ? p : json_null(), JSON_COMPACT | JSON_ENCODE_ANY);
+        payload = hub_json_dumps(p ? p : json_null(), JSON_COMPACT | JSON_ENCODE_ANY);
         if (!payload) {
                 api_reply_errno(req, -ENOMEM, "Method call");
                 return;

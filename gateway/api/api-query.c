@@ -17,6 +17,7 @@
 #include <mbedtls/base64.h>
 
 #include "api/api-internal.h"
+#include "hub/json-dump.h"
 #include "hub/query.h"
 #include "hub/registry.h"
 #include "hub/twin.h"
@@ -91,7 +92,7 @@ static void qstate_free(void *p) {
 }
 
 static char *token_encode(json_t *j) {
-        _cleanup_free_ char *text = json_dumps(j, JSON_COMPACT);
+        _cleanup_free_ char *text = hub_json_dumps(j, JSON_COMPACT);
         json_decref(j);
         if (!text)
                 return NULL;

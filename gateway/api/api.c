@@ -13,6 +13,7 @@
 #include "config.h"
 #include "hub/auth.h"
 #include "hub/clock.h"
+#include "hub/json-dump.h"
 #include "hub/registry.h"
 #include "log-ids.h"
 #include "log.h"
@@ -350,7 +351,7 @@ void api_reply(struct api_req *req, int status, json_t *headers, const char *con
 void api_reply_json(struct api_req *req, int status, json_t *body, json_t *headers) {
         char *text = NULL;
         if (body) {
-                text = json_dumps(body, JSON_COMPACT | JSON_ENCODE_ANY);
+                text = hub_json_dumps(body, JSON_COMPACT | JSON_ENCODE_ANY);
                 json_decref(body);
                 if (!text) {
                         json_decref(headers);

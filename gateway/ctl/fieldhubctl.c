@@ -33,6 +33,7 @@
 #include "fieldhub-paths.h"
 #include "front/coap-config.h"
 #include "hub/auth.h"
+#include "hub/json-dump.h"
 #include "hub/macro.h"
 #include "hub/random.h"
 #include "hub/store.h"
@@ -75,7 +76,7 @@ static bool over_https(void) {
 }
 
 static void print_json(const json_t *j) {
-        char *s = json_dumps(j, JSON_INDENT(2) | JSON_ENCODE_ANY);
+        char *s = hub_json_dumps(j, JSON_INDENT(2) | JSON_ENCODE_ANY);
         if (s) {
                 puts(s);
                 free(s);
@@ -586,7 +587,7 @@ static int rest_raw_json(const char *what, const char *method, const char *targe
 
 static int rest_json(const char *what, const char *method, const char *target, json_t *headers, json_t *body,
                      long timeout_sec, struct resp *ret_resp, json_t **ret_json) {
-        _cleanup_free_ char *b = body ? json_dumps(body, JSON_COMPACT | JSON_ENCODE_ANY) : NULL;
+        _cleanup_free_ char *b = body ? hub_json_dumps(body, JSON_COMPACT | JSON_ENCODE_ANY) : NULL;
         if (body && !b)
                 return fail("out of memory");
         return rest_raw_json(what, method, target, headers, b, b ? strlen(b) : 0, timeout_sec, ret_resp, ret_json);
@@ -1727,7 +1728,7 @@ static int cmd_method(int argc, char **argv) {
                 print_json(out);
         else {
                 printf("status: %lld\n", json_integer_value(json_object_get(out, "status")));
-                char *s = json_dumps(json_object_get(out, "payload"), JSON_INDENT(2) | JSON_ENCODE_ANY);
+                char *s = hub_json_dumps(json_object_get(out, "payload"), JSON_INDENT(2) | JSON_ENCODE_ANY);
                 printf("payload: %s\n", s ? s : "null");
                 free(s);
         }
@@ -2144,7 +2145,7 @@ static int cmd_monitor(int argc, char **argv) {
                                             json_pack("{s:O?}", "x-opt-sequence-number", json_object_get(j, "seq")));
                 json_t *out = json_pack("{s:O}", "event", ev);
                 /* --json: one compact event per line, for scripts. */
-                char *line = json_dumps(out, (arg_json ? JSON_COMPACT : JSON_INDENT(2)) | JSON_ENCODE_ANY);
+                char *line = hub_json_dumps(out, (arg_json ? JSON_COMPACT : JSON_INDENT(2)) | JSON_ENCODE_ANY);
                 if (line)
                         puts(line);
                 free(line);

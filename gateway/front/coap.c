@@ -34,6 +34,7 @@
 #include "front/mqtt-topic.h"
 #include "hub.h"
 #include "hub/clock.h"
+#include "hub/json-dump.h"
 #include "hub/method.h"
 #include "hub/msg.h"
 #include "hub/outbox.h"
@@ -272,7 +273,7 @@ static void respond_error(coap_pdu_t *resp, coap_pdu_code_t code, const char *di
 
 static void respond_json(coap_resource_t *r, coap_session_t *s, const coap_pdu_t *req, const coap_string_t *query,
                          coap_pdu_t *resp, coap_pdu_code_t code, const json_t *j) {
-        _cleanup_free_ char *text = json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER);
+        _cleanup_free_ char *text = hub_json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER);
         if (!text) {
                 respond_error(resp, COAP_RESPONSE_CODE_INTERNAL_ERROR, "out of memory");
                 return;

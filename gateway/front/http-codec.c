@@ -22,6 +22,7 @@
 #include <jansson.h>
 
 #include "front/http-codec.h"
+#include "hub/json-dump.h"
 #include "hub/macro.h"
 #include "hub/random.h"
 
@@ -1477,7 +1478,7 @@ int gw_http_error_body(const struct gw_http_error *e, uint64_t now_usec, char **
                 json_decref(o);
                 return -ENOMEM;
         }
-        char *s = json_dumps(o, JSON_COMPACT);
+        char *s = hub_json_dumps(o, JSON_COMPACT);
         json_decref(o);
         if (!s)
                 return -ENOMEM;

@@ -35,6 +35,7 @@
 #include "hub.h"
 #include "hub/auth.h"
 #include "hub/clock.h"
+#include "hub/json-dump.h"
 #include "hub/method.h"
 #include "hub/msg.h"
 #include "hub/outbox.h"
@@ -839,7 +840,7 @@ static void twin_error_body(int status, int code, const char *message, char **re
         char t[32];
         json_t *j = json_pack("{s:i, s:s, s:s, s:s}", "errorCode", code, "trackingId", "", "message",
                               message ? message : "", "timestampUtc", hub_time_format_iso8601(now_wall(), t));
-        *ret = j ? json_dumps(j, JSON_COMPACT) : NULL;
+        *ret = j ? hub_json_dumps(j, JSON_COMPACT) : NULL;
         json_decref(j);
         (void) status;
 }
@@ -897,7 +898,7 @@ static int twin_op(struct mconn *mc, const struct gw_mqtt_topic *t, const struct
                         twin_fail(mc, rid, r, NULL);
                         return 0;
                 }
-                _cleanup_free_ char *body = json_dumps(view, JSON_COMPACT | JSON_PRESERVE_ORDER);
+                _cleanup_free_ char *body = hub_json_dumps(view, JSON_COMPACT | JSON_PRESERVE_ORDER);
                 json_decref(view);
                 if (!body)
                         return mconn_fail(mc, LOG_WARNING, "out of memory");

@@ -24,6 +24,7 @@
 
 #include "endpoint.h"
 #include "hub/clock.h"
+#include "hub/json-dump.h"
 #include "hub/msg.h"
 #include "log.h"
 #include "uplink-json.h"
@@ -185,10 +186,10 @@ static void jb_body(struct jbuf *b, const struct hub_msg *m) {
         if (gw_uplink_is_json_message(m)) {
                 json_t *v = json_loadb(body, len, JSON_DECODE_ANY, NULL);
                 if (v) {
-                        size_t need = json_dumpb(v, NULL, 0, JSON_COMPACT | JSON_ENCODE_ANY);
+                        size_t need = hub_json_dumpb(v, NULL, 0, JSON_COMPACT | JSON_ENCODE_ANY);
                         JB_LIT(b, "\"body\":");
                         if (need > 0 && jb_reserve(b, need))
-                                b->n += json_dumpb(v, b->p + b->n, need, JSON_COMPACT | JSON_ENCODE_ANY);
+                                b->n += hub_json_dumpb(v, b->p + b->n, need, JSON_COMPACT | JSON_ENCODE_ANY);
                         else if (need == 0)
                                 b->oom = true;
                         json_decref(v);

@@ -100,6 +100,7 @@
 #include "hub.h"
 #include "hub/auth.h"
 #include "hub/clock.h"
+#include "hub/json-dump.h"
 #include "hub/method.h"
 #include "hub/msg.h"
 #include "hub/queue.h"
@@ -1450,7 +1451,7 @@ static void create_identity(struct up_dev *d) {
                          "symmetricKey", "primaryKey", d->key, "secondaryKey", d->key);
         r = hub_sas_generate(u->host_name, u->create_key, (uint64_t) time(NULL) + 300, u->create_policy, &token);
         if (r < 0 || !body || asprintf(&c->url, "%s/devices/%s?api-version=" UP_API_VERSION, u->registry_url, d->id) < 0 ||
-            asprintf(&c->auth, "Authorization: %s", token) < 0 || !(c->body = json_dumps(body, JSON_COMPACT)) ||
+            asprintf(&c->auth, "Authorization: %s", token) < 0 || !(c->body = hub_json_dumps(body, JSON_COMPACT)) ||
             (u->ca_file && !(c->ca_file = strdup(u->ca_file)))) {
                 UP_LOG(d, LOG_WARNING, r < 0 ? r : -ENOMEM, "Upstream: cannot prepare the creation of %s in the cloud",
                        d->id);
@@ -1676,7 +1677,7 @@ static bool twin_patch_of(const struct hub_msg *m, char **ret) {
                         json_object_del(rep, k);
         if (json_object_size(rep) == 0)
                 return true;
-        *ret = json_dumps(rep, JSON_COMPACT);
+        *ret = hub_json_dumps(rep, JSON_COMPACT);
         return *ret != NULL;
 }
 

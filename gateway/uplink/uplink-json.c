@@ -10,6 +10,7 @@
 
 #include "endpoint.h"
 #include "hub/clock.h"
+#include "hub/json-dump.h"
 #include "hub/msg.h"
 #include "uplink-json.h"
 
@@ -82,13 +83,13 @@ int gw_uplink_item_json(const struct gw_ep_item *it, const char *endpoint, char 
         json_t *j = gw_uplink_item_to_json(it, endpoint);
         if (!j)
                 return -ENOMEM;
-        size_t n = json_dumpb(j, NULL, 0, JSON_COMPACT);
+        size_t n = hub_json_dumpb(j, NULL, 0, JSON_COMPACT);
         char *buf = n ? malloc(n + 1) : NULL;
         if (!buf) {
                 json_decref(j);
                 return -ENOMEM;
         }
-        json_dumpb(j, buf, n, JSON_COMPACT);
+        hub_json_dumpb(j, buf, n, JSON_COMPACT);
         json_decref(j);
         buf[n] = 0;
         *ret = buf;

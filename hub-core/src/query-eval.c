@@ -14,6 +14,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "hub/json-dump.h"
 #include "hub/msg.h"
 #include "hub/query.h"
 #include "query-internal.h"
@@ -809,7 +810,7 @@ static int key_append(char **s, size_t *len, const json_t *v) {
                 (*s)[*len] = '\0';
                 return 0;
         } else {
-                dumped = json_dumps(v, JSON_COMPACT | JSON_SORT_KEYS | JSON_ENCODE_ANY);
+                dumped = hub_json_dumps(v, JSON_COMPACT | JSON_SORT_KEYS | JSON_ENCODE_ANY);
                 if (!dumped)
                         return -ENOMEM;
                 part = dumped;

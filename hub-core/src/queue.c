@@ -33,6 +33,7 @@
 #include <sqlite3.h>
 
 #include "hub/clock.h"
+#include "hub/json-dump.h"
 #include "hub/log.h"
 #include "hub/msg.h"
 #include "hub/queue.h"
@@ -673,7 +674,7 @@ static int feedback_batch(sqlite3 *db, struct op *op) {
         if (n == 0)
                 return 0;
 
-        body = json_dumps(arr, JSON_COMPACT | JSON_PRESERVE_ORDER);
+        body = hub_json_dumps(arr, JSON_COMPACT | JSON_PRESERVE_ORDER);
         if (!body)
                 return -ENOMEM;
         r = lock_token_new(id); /* a fresh GUID as message-id */

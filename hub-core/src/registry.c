@@ -19,6 +19,7 @@
 #include <jansson.h>
 
 #include "hub/auth.h"
+#include "hub/json-dump.h"
 #include "hub/msg.h"
 #include "hub/random.h"
 #include "hub/registry.h"
@@ -394,7 +395,7 @@ static void emit_lifecycle(struct hub_registry *r, const char *id, const char *o
                          "reported", "$metadata", "$lastUpdated", never, "$version", 1);
         if (!twin)
                 goto fail;
-        body = json_dumps(twin, JSON_COMPACT);
+        body = hub_json_dumps(twin, JSON_COMPACT);
         json_decref(twin);
         if (!body)
                 goto fail;

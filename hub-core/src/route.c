@@ -6,6 +6,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "hub/json-dump.h"
 #include "hub/msg.h"
 #include "hub/query.h"
 #include "hub/route.h"
@@ -391,7 +392,7 @@ uint64_t hub_router_route(const struct hub_router *r, struct hub_cond_ctx *ctx, 
 static char *value_text(const json_t *v) {
         if (json_is_string(v))
                 return strdup(json_string_value(v));
-        return json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
+        return hub_json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
 }
 
 int hub_router_enrich(const struct hub_router *r, const char *endpoint, struct hub_msg *m, struct hub_cond_ctx *ctx) {

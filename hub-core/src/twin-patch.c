@@ -14,6 +14,7 @@
 
 #include <jansson.h>
 
+#include "hub/json-dump.h"
 #include "hub/twin.h"
 
 static const char *const section_names[_HUB_TWIN_SECTION_MAX] = {
@@ -300,7 +301,7 @@ int hub_twin_check_limits(const json_t *section, enum hub_twin_section which, ch
                 return fail(errbuf, errbuf_size, -E2BIG, "%s: size %zu bytes exceeds the limit of %zu bytes",
                             section_names[which], size, limit);
         /* Local safeguard: §6.2 counts control characters and empty containers as nothing. */
-        json_size = json_dumpb(section, NULL, 0, JSON_COMPACT);
+        json_size = hub_json_dumpb(section, NULL, 0, JSON_COMPACT);
         if (json_size == 0 || json_size > 2 * limit)
                 return fail(errbuf, errbuf_size, -E2BIG,
                             "%s: JSON encoding of %zu bytes exceeds the limit of %zu bytes", section_names[which],

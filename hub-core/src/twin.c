@@ -24,6 +24,7 @@
 
 #include <jansson.h>
 
+#include "hub/json-dump.h"
 #include "hub/msg.h"
 #include "hub/random.h"
 #include "hub/registry.h"
@@ -581,7 +582,7 @@ static int select_row_txn(struct hub_store_txn *txn, const char *device_id, stru
 }
 
 static int bind_json(sqlite3_stmt *st, int i, const json_t *j) {
-        char *s = json_dumps(j, JSON_COMPACT);
+        char *s = hub_json_dumps(j, JSON_COMPACT);
 
         if (!s)
                 return SQLITE_NOMEM;
@@ -814,7 +815,7 @@ static void emit_event(struct hub_twins *t, struct twin_op *op) {
 
         if (!t->event_fn || !op->event_body)
                 return;
-        body = json_dumps(op->event_body, JSON_COMPACT);
+        body = hub_json_dumps(op->event_body, JSON_COMPACT);
         if (body && strlen(body) > HUB_MSG_D2C_MAX_SIZE) {
                 /* Events are messages: keep them within the message limit (§10). */
                 json_t *copy = json_deep_copy(op->event_body);
@@ -822,7 +823,7 @@ static void emit_event(struct hub_twins *t, struct twin_op *op) {
                 body = NULL;
                 if (copy) {
                         strip_event_metadata(copy);
-                        body = json_dumps(copy, JSON_COMPACT);
+                        body = hub_json_dumps(copy, JSON_COMPACT);
                         json_decref(copy);
                 }
         }

@@ -627,6 +627,19 @@ def test_methods_and_twin_errors():
     assert msgs[0].topic == "$iothub/twin/res/400/?$rid=9", msgs[0].topic
     assert json.loads(msgs[0].payload)["errorCode"] == 400004
     assert msgs[1].topic.startswith("$iothub/twin/res/412/?$rid=10"), msgs[1].topic
+    # Reals come back as the shortest decimal that round-trips (18.9, not 18.899999999999999):
+    # in the device's twin GET, the service API and fieldhubctl twin show.
+    cl.c.publish("$iothub/twin/PATCH/properties/reported/?$rid=11", b'{"temp":18.9,"sum":0.30000000000000004}')
+    assert cl.wait_msgs(3)[2].topic.startswith("$iothub/twin/res/204/?$rid=11"), cl.msgs[2].topic
+    cl.c.publish("$iothub/twin/GET/?$rid=12")
+    got = cl.wait_msgs(4)[3]
+    assert got.topic == "$iothub/twin/res/200/?$rid=12", got.topic
+    assert re.search(rb'"temp":18\.9,"sum":0\.30000000000000004[,}]', got.payload), got.payload
+    st, _, raw = hub.req("GET", "/twins/m1", raw=True)
+    assert st == 200 and re.search(rb'"temp":18\.9,"sum":0\.30000000000000004[,}]', raw), raw
+    p = subprocess.run([FIELDHUBCTL, "--socket", os.path.join(hub.d, "admin.sock"), "twin", "show", "m1"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0 and re.search(r'"temp": 18\.9,\s*"sum": 0\.30000000000000004\b', p.stdout), p
     cl.close()
     # Not subscribed: 404103.
     st, _, body = hub.req("POST", "/twins/m1/methods", {"methodName": "ping", "responseTimeoutInSeconds": 5})

@@ -17,7 +17,7 @@
  * max are printed (completions run in submission order).
  *
  * -g sets the store's group interval (hub_store_options.group_interval_usec; the daemon's
- * store.group_interval, 1 ms by default there; 0 here unless given).
+ * store.group_interval, 2 ms by default there; 0 here unless given).
  *
  * -s gives the store a disk budget and, as the daemon does, the events endpoint a quarter
  * of it as its drop-oldest capacity (use it with -e 0: route endpoints that never

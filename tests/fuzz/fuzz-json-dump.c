@@ -14,44 +14,9 @@
 #include <jansson.h>
 
 #include "hub/json-dump.h"
+#include "json-exact.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-/* json_equal() with reals compared by their bits; *has_real is set when one is seen. */
-static bool exact_equal(const json_t *a, const json_t *b, bool *has_real) {
-        if (json_typeof(a) != json_typeof(b))
-                return false;
-        switch (json_typeof(a)) {
-        case JSON_REAL: {
-                double x = json_real_value(a), y = json_real_value(b);
-                *has_real = true;
-                return memcmp(&x, &y, sizeof x) == 0;
-        }
-        case JSON_ARRAY:
-                if (json_array_size(a) != json_array_size(b))
-                        return false;
-                for (size_t i = 0; i < json_array_size(a); i++)
-                        if (!exact_equal(json_array_get(a, i), json_array_get(b, i), has_real))
-                                return false;
-                return true;
-        case JSON_OBJECT: {
-                const char *k;
-                size_t klen;
-                json_t *v;
-
-                if (json_object_size(a) != json_object_size(b))
-                        return false;
-                json_object_keylen_foreach ((json_t *) a, k, klen, v) {
-                        json_t *w = json_object_getn(b, k, klen);
-                        if (!w || !exact_equal(v, w, has_real))
-                                return false;
-                }
-                return true;
-        }
-        default:
-                return json_equal(a, b);
-        }
-}
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         static const size_t indents[] = { 0, 1, 2, 4 };
@@ -78,7 +43,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 abort();
         }
         back = json_loads(got, JSON_DECODE_ANY | JSON_ALLOW_NUL, NULL);
-        if (!back || !exact_equal(in, back, &has_real)) {
+        if (!back || !json_exact_equal(in, back, &has_real)) {
                 fprintf(stderr, "\"%s\" does not parse back to the input (jansson: \"%s\")\n", got, want);
                 abort();
         }

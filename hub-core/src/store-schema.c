@@ -69,6 +69,11 @@ const struct hub_store_migration hub_store_migrations[] = {
                 .what = "outbox without its per-device index",
                 .sql = hub_outbox_schema_v5_sql, /* outbox.c */
         },
+        {
+                .version = 6,
+                .what = "outbox chunk summaries",
+                .sql = hub_outbox_schema_v6_sql, /* outbox.c */
+        },
 };
 const size_t hub_store_n_migrations = ELEMENTSOF(hub_store_migrations);
 

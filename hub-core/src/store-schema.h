@@ -20,6 +20,7 @@ extern const char hub_twin_schema_sql[];
 extern const char hub_queue_schema_sql[];
 extern const char hub_outbox_schema_sql[];
 extern const char hub_outbox_schema_v5_sql[];
+extern const char hub_outbox_schema_v6_sql[];
 
 /* Steps 1 .. HUB_STORE_SCHEMA_VERSION, in order. */
 extern const struct hub_store_migration hub_store_migrations[];

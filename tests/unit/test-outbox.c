@@ -704,6 +704,10 @@ static int limit_pages(struct hub_store_txn *txn, void *ud) {
         return sqlite3_exec(db, sql, NULL, NULL, NULL) == SQLITE_OK ? 0 : -EIO;
 }
 
+static int exec_sql_fn(struct hub_store_txn *txn, void *ud) {
+        return sqlite3_exec(hub_store_txn_db(txn), ud, NULL, NULL, NULL) == SQLITE_OK ? 0 : -EIO;
+}
+
 static int unlimit_pages(struct hub_store_txn *txn, void *ud) {
         (void) ud;
         return sqlite3_exec(hub_store_txn_db(txn), "PRAGMA max_page_count = 1073741823", NULL, NULL, NULL) == SQLITE_OK
@@ -802,7 +806,11 @@ static void test_index_chunks(void) {
         check_backlog(&e, c);
         check_backlog(&e, ev);
 
-        /* Reopened: the index is rebuilt from the log, counters kept. */
+        /* Reopened: the index is rebuilt from the chunk summaries (closed chunks were saved;
+         * the collection deleted those of the chunks it deleted entirely) and the rows no
+         * summary covers, counters kept. */
+        ASSERT_EQ(sql_u64(&e, "SELECT count(*) FROM outbox_chunks WHERE last > ?1", 3 * PER), 2); /* of 4 closed */
+        ASSERT_EQ(sql_u64(&e, "SELECT count(*) FROM outbox_chunks WHERE last <= ?1", 3 * PER), 0);
         env_close(&e);
         env_open(&e);
         ASSERT_OK(hub_outbox_endpoint_open(e.o, "a", NULL, &a));
@@ -872,6 +880,30 @@ static void test_index_chunks(void) {
         stats(a, &st);
         ASSERT_EQ(st.delivered - del0, sql_u64(&e, "SELECT count(*) FROM outbox WHERE seq > ?1", 3333) - 250);
         check_backlog(&e, a);
+
+        /* The same answers whatever the summaries: none (a store from before them), a stale
+         * one for collected rows, implausible ones, one overlapping the next. */
+        static const char *const summaries[] = {
+                "DELETE FROM outbox_chunks",
+                "INSERT INTO outbox_chunks VALUES (1, 5, 5, 999, 0, 0, 0, 0, 1, 1)",
+                "UPDATE outbox_chunks SET count = 5000 WHERE first = (SELECT max(first) FROM outbox_chunks)",
+                "UPDATE outbox_chunks SET last = first - 1 WHERE first = (SELECT min(first) FROM outbox_chunks)",
+        };
+        for (size_t i = 0; i < ELEMENTSOF(summaries); i++) {
+                env_close(&e);
+                env_open(&e);
+                ASSERT_OK(hub_store_submit_wait(e.store, exec_sql_fn, (void *) summaries[i]));
+                env_close(&e);
+                env_open(&e);
+                ASSERT_OK(hub_outbox_endpoint_open(e.o, "a", NULL, &a));
+                ASSERT_OK(hub_outbox_endpoint_open(e.o, "b", &ob, &b));
+                ASSERT_OK(hub_outbox_endpoint_open(e.o, "c", &oc, &c));
+                ASSERT_OK(hub_outbox_endpoint_get(e.o, HUB_OUTBOX_EVENTS, &ev));
+                check_backlog(&e, a);
+                check_backlog(&e, b);
+                check_backlog(&e, c);
+                check_backlog(&e, ev);
+        }
 
         /* A drop-oldest cut inside a chunk after the reopen. */
         env_close(&e);

@@ -1077,7 +1077,8 @@ static void test_wal_checkpointer_stream(void) {
         hub_store_close(s);
 }
 
-/* A store written with schema 4 (the outbox's per-device index) migrates to 5. */
+/* A store written with schema 4 (the outbox's per-device index, no chunk summaries) migrates
+ * to 5 (the index dropped) and 6 (outbox_chunks). */
 static void test_migrate_v4_to_v5(void) {
         const char *dir = new_state_dir("v4");
         struct hub_store *s = NULL;
@@ -1087,12 +1088,14 @@ static void test_migrate_v4_to_v5(void) {
         hub_store_close(s);
         db_path(dir, path, sizeof path);
         sql_on_file(path, "CREATE INDEX outbox_by_device ON outbox (device_id, seq);"
+                          "DROP TABLE outbox_chunks;"
                           "INSERT INTO outbox VALUES (1, 'd', NULL, 1, 1, 1, 0, 1, x'00');"
                           "UPDATE schema_version SET version = 4;");
         ASSERT_OK(open_store(dir, &s));
         sqlite3 *r = hub_store_read_db(s);
-        ASSERT_EQ(query_int(r, "SELECT version FROM schema_version"), 5);
+        ASSERT_EQ(query_int(r, "SELECT version FROM schema_version"), 6);
         ASSERT_EQ(query_int(r, "SELECT count(*) FROM sqlite_master WHERE name = 'outbox_by_device'"), 0);
+        ASSERT_EQ(query_int(r, "SELECT count(*) FROM sqlite_master WHERE name = 'outbox_chunks'"), 1);
         ASSERT_EQ(query_int(r, "SELECT count(*) FROM outbox"), 1);
         hub_store_close(s);
 }

@@ -30,7 +30,7 @@ struct hub_store;
 struct hub_store_txn; /* the open transaction, valid only inside a write function */
 
 /* The schema version this build writes. */
-#define HUB_STORE_SCHEMA_VERSION 5
+#define HUB_STORE_SCHEMA_VERSION 6
 #define HUB_STORE_FILE_NAME "fieldhub.db"
 
 struct hub_store_options {

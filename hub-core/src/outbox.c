@@ -1790,7 +1790,10 @@ static int load_index(struct hub_outbox *o, sqlite3 *db, uint64_t *high) {
         uint64_t next = 0;
         int rc, r = 0;
 
-        rc = sqlite3_prepare_v2(db, "SELECT min(seq), max(seq) FROM outbox", -1, &st, NULL);
+        /* Two subqueries: SQLite answers min() or max() of the key from the b-tree's ends only
+         * when each stands alone (both in one SELECT scan the whole table). */
+        rc = sqlite3_prepare_v2(db, "SELECT (SELECT min(seq) FROM outbox), (SELECT max(seq) FROM outbox)", -1, &st,
+                                NULL);
         if (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
                 if (sqlite3_column_type(st, 0) == SQLITE_NULL) {
                         sqlite3_finalize(st);

@@ -721,6 +721,19 @@ static void gc_count_done(int r, uint64_t n_deleted, void *ud) {
         (*(unsigned *) ud)++;
 }
 
+/* test_index_chunks: close and open the outbox again, with its endpoints a, b (ob), c (oc) and
+ * the events stream. */
+static void reopen_abc(struct env *e, const struct hub_outbox_endpoint_options *ob,
+                       const struct hub_outbox_endpoint_options *oc, struct hub_outbox_endpoint **a,
+                       struct hub_outbox_endpoint **b, struct hub_outbox_endpoint **c, struct hub_outbox_endpoint **ev) {
+        env_close(e);
+        env_open(e);
+        ASSERT_OK(hub_outbox_endpoint_open(e->o, "a", NULL, a));
+        ASSERT_OK(hub_outbox_endpoint_open(e->o, "b", ob, b));
+        ASSERT_OK(hub_outbox_endpoint_open(e->o, "c", oc, c));
+        ASSERT_OK(hub_outbox_endpoint_get(e->o, HUB_OUTBOX_EVENTS, ev));
+}
+
 static void test_index_chunks(void) {
         const unsigned ROUNDS = 7, PER = 700; /* rounds cut across the index's 1,024-row chunks */
         struct hub_outbox_endpoint *a, *b, *c, *ev;
@@ -811,12 +824,7 @@ static void test_index_chunks(void) {
          * summary covers, counters kept. */
         ASSERT_EQ(sql_u64(&e, "SELECT count(*) FROM outbox_chunks WHERE last > ?1", 3 * PER), 2); /* of 4 closed */
         ASSERT_EQ(sql_u64(&e, "SELECT count(*) FROM outbox_chunks WHERE last <= ?1", 3 * PER), 0);
-        env_close(&e);
-        env_open(&e);
-        ASSERT_OK(hub_outbox_endpoint_open(e.o, "a", NULL, &a));
-        ASSERT_OK(hub_outbox_endpoint_open(e.o, "b", &ob, &b));
-        ASSERT_OK(hub_outbox_endpoint_open(e.o, "c", &oc, &c));
-        ASSERT_OK(hub_outbox_endpoint_get(e.o, HUB_OUTBOX_EVENTS, &ev));
+        reopen_abc(&e, &ob, &oc, &a, &b, &c, &ev);
         stats(a, &st);
         ASSERT_EQ(st.delivered, 3333);
         check_backlog(&e, a);
@@ -893,12 +901,7 @@ static void test_index_chunks(void) {
                 env_close(&e);
                 env_open(&e);
                 ASSERT_OK(hub_store_submit_wait(e.store, exec_sql_fn, (void *) summaries[i]));
-                env_close(&e);
-                env_open(&e);
-                ASSERT_OK(hub_outbox_endpoint_open(e.o, "a", NULL, &a));
-                ASSERT_OK(hub_outbox_endpoint_open(e.o, "b", &ob, &b));
-                ASSERT_OK(hub_outbox_endpoint_open(e.o, "c", &oc, &c));
-                ASSERT_OK(hub_outbox_endpoint_get(e.o, HUB_OUTBOX_EVENTS, &ev));
+                reopen_abc(&e, &ob, &oc, &a, &b, &c, &ev);
                 check_backlog(&e, a);
                 check_backlog(&e, b);
                 check_backlog(&e, c);

@@ -41,8 +41,8 @@
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 
-#define HIST_SUB 32
-#define HIST_BUCKETS (40 * HIST_SUB)
+#include "bench-common.h"
+
 
 enum phase { PH_CONNECT, PH_WARMUP, PH_MEASURE, PH_STOP };
 
@@ -101,53 +101,9 @@ static uint64_t now_usec(void) {
         return (uint64_t) ts.tv_sec * 1000000u + (uint64_t) ts.tv_nsec / 1000u;
 }
 
-static unsigned hist_index(uint64_t v) {
-        if (v < HIST_SUB)
-                return (unsigned) v;
-        unsigned e = 63 - (unsigned) __builtin_clzll(v);
-        unsigned sub = (unsigned) ((v >> (e - 5)) & (HIST_SUB - 1));
-        unsigned i = (e - 4) * HIST_SUB + sub;
-        return i < HIST_BUCKETS ? i : HIST_BUCKETS - 1;
-}
-
-static uint64_t hist_value(unsigned i) {
-        if (i < HIST_SUB)
-                return i;
-        unsigned e = i / HIST_SUB + 4, sub = i % HIST_SUB;
-        return ((uint64_t) (HIST_SUB + sub + 1) << (e - 5)) - 1;
-}
-
-/* ---- SAS tokens (as mqtt-load) ----------------------------------------------------------- */
-
-static void urlencode(const char *in, char *out, size_t size) {
-        static const char hex[] = "0123456789ABCDEF";
-        size_t n = 0;
-        for (const unsigned char *p = (const unsigned char *) in; *p && n + 4 < size; p++) {
-                if ((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
-                    *p == '-' || *p == '_' || *p == '.' || *p == '~')
-                        out[n++] = (char) *p;
-                else {
-                        out[n++] = '%';
-                        out[n++] = hex[*p >> 4];
-                        out[n++] = hex[*p & 15];
-                }
-        }
-        out[n] = 0;
-}
-
 static void sas_token(const char *dev, char *out, size_t size) {
-        char res[256], sr[800], sts[840], sig64[128], sig[256];
-        unsigned char mac[EVP_MAX_MD_SIZE];
-        unsigned mac_len = 0;
-        long long se = (long long) time(NULL) + o.sas_ttl;
-        snprintf(res, sizeof res, "%s/devices/%s", o.hub, dev);
-        urlencode(res, sr, sizeof sr);
-        int n = snprintf(sts, sizeof sts, "%s\n%lld", sr, se);
-        if (!HMAC(EVP_sha256(), o.key_raw, (int) o.key_len, (const unsigned char *) sts, (size_t) n, mac, &mac_len))
+        if (!bench_sas_token(o.hub, o.key_raw, (int) o.key_len, o.sas_ttl, dev, out, size))
                 die("HMAC failed");
-        EVP_EncodeBlock((unsigned char *) sig64, mac, (int) mac_len);
-        urlencode(sig64, sig, sizeof sig);
-        snprintf(out, size, "SharedAccessSignature sr=%s&sig=%s&se=%lld", sr, sig, se);
 }
 
 /* ---- publishing (paho's threads) ---------------------------------------------------------- */

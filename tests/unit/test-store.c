@@ -720,6 +720,17 @@ static void op_done(int result, void *userdata) {
         n_ops_done++;
 }
 
+/* Submits the blocker and waits until its commit runs (writes submitted now queue up behind
+ * it as one group until blocker_release); *st0: the stats at that point. */
+static void start_blocker(struct hub_store *s, struct op *block, struct hub_store_stats *st0) {
+        blocker_running = blocker_release = 0;
+        n_ops_done = 0;
+        ASSERT_OK(hub_store_submit(s, blocker, op_done, block));
+        while (!__atomic_load_n(&blocker_running, __ATOMIC_SEQ_CST))
+                usleep(1000);
+        hub_store_get_stats(s, st0);
+}
+
 static void test_failing_write_in_batch(void) {
         const char *dir = new_state_dir("batch-fail");
         struct hub_store *s = NULL;
@@ -736,12 +747,7 @@ static void test_failing_write_in_batch(void) {
         ASSERT_OK(open_store(dir, &s));
         wait_sql(s, "CREATE TABLE b (name TEXT)");
 
-        blocker_running = blocker_release = 0;
-        n_ops_done = 0;
-        ASSERT_OK(hub_store_submit(s, blocker, op_done, &block));
-        while (!__atomic_load_n(&blocker_running, __ATOMIC_SEQ_CST))
-                usleep(1000);
-        hub_store_get_stats(s, &st0);
+        start_blocker(s, &block, &st0);
 
         /* These queue up while the blocker's commit runs: they form one group. */
         for (int i = 0; i < 5; i++)
@@ -818,11 +824,9 @@ static void test_disk_full(void) {
         struct op block = { 0 }, ok1 = { .sql = "INSERT INTO g VALUES ('ok1')" },
                   full = { .sql = "INSERT INTO g VALUES ('full'); INSERT INTO f VALUES ('x', randomblob(4000000))" },
                   ok2 = { .sql = "INSERT INTO g VALUES ('ok2')" };
-        blocker_running = blocker_release = 0;
+        struct hub_store_stats st_b;
         wait_sql(s, "CREATE TABLE IF NOT EXISTS b (name TEXT)");
-        ASSERT_OK(hub_store_submit(s, blocker, op_done, &block));
-        while (!__atomic_load_n(&blocker_running, __ATOMIC_SEQ_CST))
-                usleep(1000);
+        start_blocker(s, &block, &st_b);
         ASSERT_OK(hub_store_submit(s, write_op, op_done, &ok1));
         ASSERT_OK(hub_store_submit(s, write_op, op_done, &full));
         ASSERT_OK(hub_store_submit(s, write_op, op_done, &ok2));
@@ -942,12 +946,7 @@ static void test_single_writes(void) {
         ASSERT_ERR(hub_store_submit_flags(s, write_op, op_done, &ops[0], 1u << 7), -EINVAL);
         ASSERT_ERR(hub_store_submit_flags(s, NULL, op_done, &ops[0], HUB_STORE_WRITE_SINGLE), -EINVAL);
 
-        blocker_running = blocker_release = 0;
-        n_ops_done = 0;
-        ASSERT_OK(hub_store_submit(s, blocker, op_done, &block));
-        while (!__atomic_load_n(&blocker_running, __ATOMIC_SEQ_CST))
-                usleep(1000);
-        hub_store_get_stats(s, &st0);
+        start_blocker(s, &block, &st0);
         for (int i = 0; i < 5; i++)
                 ASSERT_OK(hub_store_submit_flags(s, write_op, op_done, &ops[i], HUB_STORE_WRITE_SINGLE));
         __atomic_store_n(&blocker_release, 1, __ATOMIC_SEQ_CST);

@@ -24,6 +24,8 @@
 set -euo pipefail
 
 SRC=$(cd "$(dirname "$0")/../.." && pwd)
+BENCH_NAME=bench-api
+. "$SRC/tests/bench/bench-lib.sh"
 BUILD=${1:-$SRC/build-bench}
 FIELDHUBD=$BUILD/gateway/fieldhubd
 RUNS=${RUNS:-3}
@@ -58,14 +60,6 @@ RESULTS=$OUT/results.jsonl
 FH_PID=
 NG_PID=
 
-stop_pid() { # pid: SIGTERM, then SIGKILL after 10 s
-        local p=$1
-        [ -n "$p" ] || return 0
-        kill "$p" 2>/dev/null || return 0
-        for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || { wait "$p" 2>/dev/null || true; return 0; }; sleep 0.1; done
-        kill -9 "$p" 2>/dev/null || true
-        wait "$p" 2>/dev/null || true
-}
 cleanup() {
         stop_pid "$FH_PID"; FH_PID=
         stop_pid "$NG_PID"; NG_PID=
@@ -74,9 +68,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-        python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
 
 # ---- fieldhubd: service API over TLS with its generated CA -----------------------------------
 head -c 32 /dev/urandom | base64 > "$WORK/owner.key"

@@ -40,6 +40,8 @@
 set -euo pipefail
 
 SRC=$(cd "$(dirname "$0")/../.." && pwd)
+BENCH_NAME=bench-modbus-e2e
+. "$SRC/tests/bench/bench-lib.sh"
 BUILD=$(cd "${1:-$SRC/build-bench}" && pwd)
 FIELDHUBD=$BUILD/gateway/fieldhubd
 FIELDHUBCTL=$BUILD/gateway/fieldhubctl
@@ -69,14 +71,6 @@ $PY -c 'import paho.mqtt.client' 2>/dev/null || { echo "bench-modbus-e2e: python
 WORK=$(mktemp -d /var/tmp/bench-modbus-e2e.XXXXXX)
 PIDS=()        # every process started here, stopped by pid
 FH_PID= GW_PID= MQ_PID= SUB_PID= MEAS_PID=
-stop_pid() {
-        local p=$1
-        [ -n "$p" ] || return 0
-        kill "$p" 2>/dev/null || return 0
-        for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || { wait "$p" 2>/dev/null || true; return 0; }; sleep 0.1; done
-        kill -9 "$p" 2>/dev/null || true
-        wait "$p" 2>/dev/null || true
-}
 cleanup() {
         stop_pid "$MEAS_PID"; MEAS_PID=
         stop_pid "$GW_PID"; GW_PID=
@@ -87,15 +81,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { # port pid name
-        for _ in $(seq 100); do
-                $PY -c "import socket; socket.create_connection(('127.0.0.1',$1),1).close()" 2>/dev/null && return 0
-                kill -0 "$2" 2>/dev/null || { echo "bench-modbus-e2e: $3 did not start" >&2; exit 1; }
-                sleep 0.1
-        done
-        echo "bench-modbus-e2e: $3 does not listen on $1" >&2; exit 1
-}
 
 echo "bench-modbus-e2e: $DEVICES devices x ($F32 float32 + $U16 uint16) points every $INTERVAL ms over $PEERS" \
      "Modbus TCP connections; fieldhubd on CPU $GW_CPU, peers/mosquitto/subscriber on CPU $PEER_CPU; work dir $WORK" >&2

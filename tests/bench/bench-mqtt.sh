@@ -27,6 +27,8 @@
 set -euo pipefail
 
 SRC=$(cd "$(dirname "$0")/../.." && pwd)
+BENCH_NAME=bench-mqtt
+. "$SRC/tests/bench/bench-lib.sh"
 BUILD=${1:-$SRC/build-bench}
 FIELDHUBD=$BUILD/gateway/fieldhubd
 LOAD=$BUILD/tests/mqtt-load
@@ -73,14 +75,6 @@ RESULTS=$OUT/results.jsonl
 FH_PID=
 MQ_PID=
 
-stop_pid() { # pid: SIGTERM, then SIGKILL after 10 s
-        local p=$1
-        [ -n "$p" ] || return 0
-        kill "$p" 2>/dev/null || return 0
-        for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || { wait "$p" 2>/dev/null || true; return 0; }; sleep 0.1; done
-        kill -9 "$p" 2>/dev/null || true
-        wait "$p" 2>/dev/null || true
-}
 cleanup() {
         stop_pid "$FH_PID"; FH_PID=
         stop_pid "$MQ_PID"; MQ_PID=
@@ -89,9 +83,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-        python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
 
 # ---- shared TLS material: one EC P-256 certificate for both servers -------------------------
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \

@@ -44,6 +44,8 @@
 set -euo pipefail
 
 SRC=$(cd "$(dirname "$0")/../.." && pwd)
+BENCH_NAME=bench-outbox
+. "$SRC/tests/bench/bench-lib.sh"
 BUILD=${1:-$SRC/build-bench}
 FIELDHUBD=$BUILD/gateway/fieldhubd
 FIELDHUBCTL=$BUILD/gateway/fieldhubctl
@@ -76,29 +78,12 @@ done
 WORK=$(mktemp -d /var/tmp/bench-outbox.XXXXXX)
 chmod 755 "$WORK"
 FH_PID= MQ_PID= SINK_PID=
-stop_pid() {
-        local p=$1
-        [ -n "$p" ] || return 0
-        kill "$p" 2>/dev/null || return 0
-        for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || { wait "$p" 2>/dev/null || true; return 0; }; sleep 0.1; done
-        kill -9 "$p" 2>/dev/null || true
-        wait "$p" 2>/dev/null || true
-}
 cleanup() {
         stop_pid "$FH_PID"; stop_pid "$MQ_PID"; stop_pid "$SINK_PID"
         if [ "$KEEP" = 1 ]; then echo "bench-outbox: work directory kept: $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { # port pid name
-        for _ in $(seq 100); do
-                python3 -c "import socket; socket.create_connection(('127.0.0.1',$1),1)" 2>/dev/null && return 0
-                kill -0 "$2" 2>/dev/null || { echo "bench-outbox: $3 did not start" >&2; exit 1; }
-                sleep 0.1
-        done
-        echo "bench-outbox: $3 does not listen" >&2; exit 1
-}
 
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
         -keyout "$WORK/server.key" -out "$WORK/server.crt" -subj "/CN=127.0.0.1" \

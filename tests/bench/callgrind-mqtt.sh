@@ -13,6 +13,8 @@
 # (fieldhub_messages_in_total on the metrics listener). Thread 1 is the event loop.
 set -euo pipefail
 SRC=$(cd "$(dirname "$0")/../.." && pwd)
+BENCH_NAME=callgrind-mqtt
+. "$SRC/tests/bench/bench-lib.sh"
 BUILD=${1:-$SRC/build-bench}
 FH=$BUILD/gateway/fieldhubd
 LOAD=$BUILD/tests/mqtt-load
@@ -40,7 +42,6 @@ chmod 600 "$WORK/server.key"
 KEY=$(head -c 32 /dev/urandom | base64)
 head -c 32 /dev/urandom | base64 > "$WORK/owner.key"
 chmod 600 "$WORK/owner.key"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PORT=$(free_port)
 MPORT=$(free_port)
 cat > "$WORK/fieldhub.yaml" <<EOF

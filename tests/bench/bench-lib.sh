@@ -1,0 +1,27 @@
+# SPDX-License-Identifier: MIT
+# Shell helpers shared by the by-hand benchmarks (sourced, not run): stopping what they
+# started by pid, free loopback ports, waiting for a server to listen. BENCH_NAME prefixes the
+# error messages; PY (default python3) is the interpreter used for the socket one-liners.
+
+stop_pid() { # pid: SIGTERM, then SIGKILL after 10 s
+        local p=$1
+        [ -n "$p" ] || return 0
+        kill "$p" 2>/dev/null || return 0
+        for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || { wait "$p" 2>/dev/null || true; return 0; }; sleep 0.1; done
+        kill -9 "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+}
+
+free_port() { # a free TCP port on 127.0.0.1
+        ${PY:-python3} -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_port() { # port pid name: until 127.0.0.1:port accepts (10 s), or exit if pid died
+        for _ in $(seq 100); do
+                ${PY:-python3} -c "import socket; socket.create_connection(('127.0.0.1',$1),1).close()" 2>/dev/null && return 0
+                kill -0 "$2" 2>/dev/null || { echo "${BENCH_NAME:-bench}: $3 did not start" >&2; exit 1; }
+                sleep 0.1
+        done
+        echo "${BENCH_NAME:-bench}: $3 does not listen on $1" >&2
+        exit 1
+}

@@ -4,6 +4,7 @@ temporary configuration and state directory, listen on NOTIFY_SOCKET, read its l
 stop it by pid. Each test script is a plain python3 program: it exits 0 on success,
 non-zero on failure (an uncaught AssertionError), 77 when it must be skipped."""
 
+import json
 import os
 import re
 import select
@@ -229,3 +230,43 @@ def ctl(d, *args, check=True, input=None):
     if check and p.returncode != 0:
         raise AssertionError(f"fieldhubctl {' '.join(args)} failed ({p.returncode}): {p.stderr}")
     return p
+
+
+def telemetry_events(d, device, seconds):
+    """Telemetry of device seen by `fieldhubctl monitor-events` within seconds:
+    [(payload, properties)]."""
+    p = subprocess.run([FIELDHUBCTL, "--socket", os.path.join(d, "admin.sock"), "--json", "monitor-events",
+                        "--device", device, "--properties", "--timeout", f"{seconds}s"],
+                       capture_output=True, text=True, timeout=seconds + 20)
+    out = []
+    for line in p.stdout.splitlines():
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        ev = json.loads(line)["event"]
+        if ev["properties"]["system"].get("iothub-message-source") == "Telemetry":
+            payload = ev["payload"]
+            if isinstance(payload, str):    # a body the tool could not re-encode (uint64 > 2^63)
+                payload = json.loads(payload)
+            out.append((payload, ev["properties"]))
+    return out
+
+
+def reported(d, device):
+    """The device twin's reported properties, through fieldhubctl."""
+    return json.loads(ctl(d, "--json", "twin", "show", device).stdout)["properties"]["reported"]
+
+
+def wait_for(fn, timeout=10.0, what="condition"):
+    """fn() until it returns something true (assertion and lookup errors count as not yet)."""
+    end = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < end:
+        try:
+            last = fn()
+            if last:
+                return last
+        except (AssertionError, KeyError, ValueError, TypeError) as e:
+            last = e
+        time.sleep(0.1)
+    raise AssertionError(f"{what} not met within {timeout}s (last: {last})")

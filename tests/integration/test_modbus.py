@@ -24,6 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 from fhlib import FIELDHUBCTL, FIELDHUBD, SRCDIR, Daemon, at_exit, config_text, ctl, main, pty_pair, tmpdir, write  # noqa: E402
+from fhlib import telemetry_events as events, reported, wait_for  # noqa: E402
 
 SIM = os.environ.get("FIELDHUB_MODBUS_SIM", "modbus-sim")
 
@@ -70,47 +71,6 @@ def start(d, adapters_yaml, level="info"):
     daemon = Daemon(cfg)
     daemon.wait_log(r"fieldhubd .* started")
     return daemon, cfg
-
-
-def events(d, device, seconds):
-    """Telemetry of device seen by monitor-events within seconds: [(payload, properties)]."""
-    p = subprocess.run([FIELDHUBCTL, "--socket", os.path.join(d, "admin.sock"), "--json", "monitor-events",
-                        "--device", device, "--properties", "--timeout", f"{seconds}s"],
-                       capture_output=True, text=True, timeout=seconds + 20)
-    out = []
-    for line in p.stdout.splitlines():
-        line = line.strip()
-        if not line.startswith("{"):
-            continue
-        ev = json.loads(line)["event"]
-        if ev["properties"]["system"].get("iothub-message-source") == "Telemetry":
-            payload = ev["payload"]
-            if isinstance(payload, str):    # a body the tool could not re-encode (uint64 > 2^63)
-                payload = json.loads(payload)
-            out.append((payload, ev["properties"]))
-    return out
-
-
-def twin(d, device):
-    return json.loads(ctl(d, "--json", "twin", "show", device).stdout)
-
-
-def reported(d, device):
-    return twin(d, device)["properties"]["reported"]
-
-
-def wait_for(fn, timeout=10.0, what="condition"):
-    end = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < end:
-        try:
-            last = fn()
-            if last:
-                return last
-        except (AssertionError, KeyError, ValueError) as e:
-            last = e
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not met within {timeout}s (last: {last})")
 
 
 TYPES_POINTS = """

@@ -19,7 +19,6 @@ The server map (unit 3; zero_mode: request address a is register a):
 Needs python3-pymodbus with python3-serial(-asyncio) (pymodbus.server imports serial); skips
 (77) without them."""
 
-import json
 import math
 import os
 import signal
@@ -119,7 +118,8 @@ if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--serve":
     serve(sys.argv[2], sys.argv[3], sys.argv[4])
     sys.exit(0)
 
-from fhlib import FIELDHUBCTL, Daemon, Skip, at_exit, config_text, ctl, main, pty_pair, tmpdir, write  # noqa: E402
+from fhlib import Daemon, Skip, at_exit, config_text, ctl, main, pty_pair, tmpdir, write  # noqa: E402
+from fhlib import telemetry_events as events, reported, wait_for  # noqa: E402
 
 
 def need_pymodbus():
@@ -184,40 +184,6 @@ def start(d, adapters_yaml):
     daemon = Daemon(cfg)
     daemon.wait_log(r"fieldhubd .* started")
     return daemon
-
-
-def events(d, device, seconds):
-    """Telemetry payloads of device seen by monitor-events within seconds: [(payload, properties)]."""
-    p = subprocess.run([FIELDHUBCTL, "--socket", os.path.join(d, "admin.sock"), "--json", "monitor-events",
-                        "--device", device, "--properties", "--timeout", f"{seconds}s"],
-                       capture_output=True, text=True, timeout=seconds + 20)
-    out = []
-    for line in p.stdout.splitlines():
-        line = line.strip()
-        if line.startswith("{"):
-            ev = json.loads(line)["event"]
-            if ev["properties"]["system"].get("iothub-message-source") == "Telemetry":
-                payload = ev["payload"]
-                out.append((json.loads(payload) if isinstance(payload, str) else payload, ev["properties"]))
-    return out
-
-
-def reported(d, device):
-    return json.loads(ctl(d, "--json", "twin", "show", device).stdout)["properties"]["reported"]
-
-
-def wait_for(fn, timeout=10.0, what="condition"):
-    end = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < end:
-        try:
-            last = fn()
-            if last:
-                return last
-        except (AssertionError, KeyError, ValueError, TypeError) as e:
-            last = e
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not met within {timeout}s (last: {last!r})")
 
 
 def f32(x):

@@ -26,6 +26,7 @@ import zlib
 sys.path.insert(0, os.path.dirname(__file__))
 from fhlib import (FIELDHUBCTL, FIELDHUBD, SRCDIR, Daemon, Skip, at_exit, config_text, ctl, main,  # noqa: E402
                    tmpdir, write)
+from fhlib import reported, wait_for  # noqa: E402
 
 BUILDDIR = os.path.dirname(os.path.dirname(FIELDHUBD))
 PLUGIN = os.path.join(BUILDDIR, "adapters", "serial", "fieldhub-serial-example.so")
@@ -164,24 +165,6 @@ class Monitor:
                     payload = json.loads(payload)
                 evs.append((payload, ev["properties"]["application"]))
         return evs
-
-
-def reported(d, device):
-    return json.loads(ctl(d, "--json", "twin", "show", device).stdout)["properties"]["reported"]
-
-
-def wait_for(fn, timeout=10.0, what="condition"):
-    end = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < end:
-        try:
-            last = fn()
-            if last:
-                return last
-        except (AssertionError, KeyError, ValueError) as e:
-            last = e
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not met within {timeout}s (last: {last})")
 
 
 def method(d, device, name, payload=None):

@@ -25,3 +25,42 @@ wait_port() { # port pid name: until 127.0.0.1:port accepts (10 s), or exit if p
         echo "${BENCH_NAME:-bench}: $3 does not listen on $1" >&2
         exit 1
 }
+
+make_server_cert() { # dir hub: dir/server.crt + dir/server.key, EC P-256, for 127.0.0.1 and hub
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+                -keyout "$1/server.key" -out "$1/server.crt" -subj "/CN=127.0.0.1" \
+                -addext "subjectAltName=IP:127.0.0.1,DNS:$2" 2>/dev/null
+        chmod 600 "$1/server.key"
+}
+
+write_mqtt_config() { # dir hub mqtt-port metrics-listen max-inflight: dir/fieldhub.yaml (+ owner.key)
+        # for an MQTT/TLS ingest benchmark: the generator's connections all come from 127.0.0.1
+        head -c 32 /dev/urandom | base64 > "$1/owner.key"
+        chmod 600 "$1/owner.key"
+        cat > "$1/fieldhub.yaml" <<EOF_CONFIG
+hub:
+  host_name: $2
+  policies:
+    - name: iothubowner
+      key_file: $1/owner.key
+state_dir: $1/state
+log:
+  level: warning
+  target: stderr
+admin:
+  socket: $1/admin.sock
+service_api:
+  listen: ["127.0.0.1:0"]
+metrics:
+  listen: "$4"
+mqtt:
+  listen: ["127.0.0.1:$3"]
+  tls:
+    cert_file: $1/server.crt
+    key_file: $1/server.key
+  limits:
+    max_connections: 20000
+    max_connections_per_address: 20000
+    max_inflight: $5 # the generator's window: fieldhub must not hold input below it
+EOF_CONFIG
+}

@@ -85,45 +85,15 @@ trap 'exit 130' INT TERM
 
 
 # ---- shared TLS material: one EC P-256 certificate for both servers -------------------------
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-        -keyout "$WORK/server.key" -out "$WORK/server.crt" -subj "/CN=127.0.0.1" \
-        -addext "subjectAltName=IP:127.0.0.1,DNS:$HUB" 2>/dev/null
-chmod 600 "$WORK/server.key"
+make_server_cert "$WORK" "$HUB"
 # mosquitto drops root for its own user before reading its key: it gets a readable copy.
 cp "$WORK/server.key" "$WORK/mosquitto.key"
 chmod 644 "$WORK/mosquitto.key"
 KEY=$(head -c 32 /dev/urandom | base64)
 
 # ---- fieldhubd -----------------------------------------------------------------------------
-head -c 32 /dev/urandom | base64 > "$WORK/owner.key"
-chmod 600 "$WORK/owner.key"
 FH_PORT=$(free_port)
-cat > "$WORK/fieldhub.yaml" <<EOF
-hub:
-  host_name: $HUB
-  policies:
-    - name: iothubowner
-      key_file: $WORK/owner.key
-state_dir: $WORK/state
-log:
-  level: warning
-  target: stderr
-admin:
-  socket: $WORK/admin.sock
-service_api:
-  listen: ["127.0.0.1:0"]
-metrics:
-  listen: "127.0.0.1:0"
-mqtt:
-  listen: ["127.0.0.1:$FH_PORT"]
-  tls:
-    cert_file: $WORK/server.crt
-    key_file: $WORK/server.key
-  limits:
-    max_connections: 20000
-    max_connections_per_address: 20000
-    max_inflight: $WINDOW # the generator's window: fieldhub must not hold input below it
-EOF
+write_mqtt_config "$WORK" "$HUB" "$FH_PORT" "127.0.0.1:0" "$WINDOW"
 
 start_fieldhub() {
         $PRIO taskset -c "$SERVER_CPU" "$FIELDHUBD" --config "$WORK/fieldhub.yaml" 2>>"$WORK/fieldhubd.log" &

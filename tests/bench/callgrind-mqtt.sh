@@ -35,41 +35,11 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-        -keyout "$WORK/server.key" -out "$WORK/server.crt" -subj "/CN=127.0.0.1" \
-        -addext "subjectAltName=IP:127.0.0.1,DNS:$HUB" 2>/dev/null
-chmod 600 "$WORK/server.key"
+make_server_cert "$WORK" "$HUB"
 KEY=$(head -c 32 /dev/urandom | base64)
-head -c 32 /dev/urandom | base64 > "$WORK/owner.key"
-chmod 600 "$WORK/owner.key"
 PORT=$(free_port)
 MPORT=$(free_port)
-cat > "$WORK/fieldhub.yaml" <<EOF
-hub:
-  host_name: $HUB
-  policies:
-    - name: iothubowner
-      key_file: $WORK/owner.key
-state_dir: $WORK/state
-log:
-  level: warning
-  target: stderr
-admin:
-  socket: $WORK/admin.sock
-service_api:
-  listen: ["127.0.0.1:0"]
-metrics:
-  listen: "127.0.0.1:$MPORT"
-mqtt:
-  listen: ["127.0.0.1:$PORT"]
-  tls:
-    cert_file: $WORK/server.crt
-    key_file: $WORK/server.key
-  limits:
-    max_connections: 20000
-    max_connections_per_address: 20000 # every generator connection comes from 127.0.0.1
-    max_inflight: 16
-EOF
+write_mqtt_config "$WORK" "$HUB" "$PORT" "127.0.0.1:$MPORT" 16
 
 valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$WORK/cg.out" \
         "$FH" --config "$WORK/fieldhub.yaml" 2>"$WORK/fieldhubd.log" &

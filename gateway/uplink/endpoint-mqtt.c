@@ -8,7 +8,9 @@
  * paho calls back from its own threads. Those callbacks only post a small record to the
  * shared paho inbox (paho-inbox.h: a mutex-protected list and an eventfd); the loop takes the
  * records and calls the framework. A publish's token maps back to its sequence number on the
- * loop thread, and the cursor moves only on the publish's success callback (PUBACK).
+ * loop thread, and the cursor moves only on the publish's success callback (PUBACK). Every
+ * connection after the first gets a new paho client (gw_paho_client_renew(), paho-inbox.h):
+ * paho would send what an old client still had queued ahead of the resend from the cursor.
  *
  * Publish confirmations are the hot path (one per message): the success callback only
  * appends the token to an array under the lock, and posts one EV_ACKS record (one eventfd
@@ -56,12 +58,14 @@ struct mqtt_ep {
         int keep_alive_sec, timeout_sec;
         unsigned gen;      /* connection generation: stale connect / lost events are ignored */
         bool connected;
+        bool client_used;  /* client has made a connection attempt (the next one gets a new client) */
         struct gw_paho_inbox *inbox;
         pthread_mutex_t lock;
         struct conn_ctx {
                 struct mqtt_ep *m;
                 unsigned gen;
-        } ctx[MQTT_CTX_RING];  /* connect callbacks' contexts, see on_connect_ok() */
+        } ctx[MQTT_CTX_RING];  /* connect and publish callbacks' contexts, see on_connect_ok() */
+        unsigned ack_gen;      /* under lock: the connection whose PUBACKs are recorded */
         int *acks;             /* under lock: tokens of PUBACKs not yet taken by the loop */
         size_t n_acks, cap_acks;
         bool acks_oom;         /* under lock: an ack could not be recorded */
@@ -109,10 +113,18 @@ static int on_arrived(void *context, char *topic, int topic_len, MQTTAsync_messa
         return 1;
 }
 
+/* A publish's context is its connection's conn_ctx: paho numbers publishes (the tokens) per
+ * connection from 1 again, so a late confirmation of an earlier connection would otherwise
+ * confirm whatever the current one sent under the same number. */
 static void on_pub_ok(void *context, MQTTAsync_successData *resp) {
-        struct mqtt_ep *m = context;
+        struct conn_ctx *c = context;
+        struct mqtt_ep *m = c->m;
         bool first;
         pthread_mutex_lock(&m->lock);
+        if (c->gen != m->ack_gen) {
+                pthread_mutex_unlock(&m->lock);
+                return;
+        }
         first = m->n_acks == 0 && !m->acks_oom;
         if (m->n_acks == m->cap_acks) {
                 size_t cap = m->cap_acks ? m->cap_acks * 2 : 256;
@@ -132,7 +144,8 @@ static void on_pub_ok(void *context, MQTTAsync_successData *resp) {
 }
 
 static void on_pub_fail(void *context, MQTTAsync_failureData *resp) {
-        post(context, EV_PUB_FAILED, 0, resp ? resp->token : 0, resp ? resp->code : -1);
+        struct conn_ctx *c = context;
+        post(c->m, EV_PUB_FAILED, c->gen, resp ? resp->token : 0, resp ? resp->code : -1);
 }
 
 /* ---- the loop ---------------------------------------------------------------------------- */
@@ -237,7 +250,7 @@ static void on_inbox(void *ud, struct gw_paho_item *it) {
                 take_acks(m);
                 break;
         case EV_PUB_FAILED:
-                if (take_pending(m, e->token, &seq) && m->connected) {
+                if (e->gen == m->gen && take_pending(m, e->token, &seq) && m->connected) {
                         snprintf(why, sizeof why, "publish failed (paho code %d)", e->code);
                         m->connected = false;
                         gw_endpoint_down(m->ep, -EIO, why);
@@ -251,6 +264,18 @@ static char *dup_or_null(const char *s) {
 }
 
 static void mqtt_destroy(void *t);
+
+static struct gw_paho_client_conf client_conf(struct mqtt_ep *m) {
+        return (struct gw_paho_client_conf) {
+                .uri = m->address,
+                .client_id = m->client_id,
+                .mqtt_version = MQTTVERSION_DEFAULT,
+                .max_buffered = (int) m->window,
+                .context = m,
+                .lost = on_lost,
+                .arrived = on_arrived,
+        };
+}
 
 static int mqtt_create(struct gw_endpoint *ep, const struct gw_endpoint_conf *c, void **ret) {
         struct mqtt_ep *m = calloc(1, sizeof *m);
@@ -296,10 +321,8 @@ static int mqtt_create(struct gw_endpoint *ep, const struct gw_endpoint_conf *c,
                 mqtt_destroy(m);
                 return r;
         }
-        MQTTAsync_createOptions co = MQTTAsync_createOptions_initializer;
-        co.sendWhileDisconnected = 0;
-        co.maxBufferedMessages = (int) m->window;
-        r = MQTTAsync_createWithOptions(&m->client, m->address, m->client_id, MQTTCLIENT_PERSISTENCE_NONE, NULL, &co);
+        struct gw_paho_client_conf pc = client_conf(m);
+        r = gw_paho_client_new(&pc, &m->client);
         if (r != MQTTASYNC_SUCCESS) {
                 gw_log_error("Endpoint %s: paho cannot create a client for %s (code %d)", c->name, m->address, r);
                 mqtt_destroy(m);
@@ -311,21 +334,40 @@ static int mqtt_create(struct gw_endpoint *ep, const struct gw_endpoint_conf *c,
          * initialisation in the first create honours the environment, so this comes after.) */
         if (!getenv("MQTT_C_CLIENT_TRACE") && !getenv("MQTT_C_CLIENT_TRACE_LEVEL"))
                 MQTTAsync_setTraceLevel(MQTTASYNC_TRACE_ERROR);
-        r = MQTTAsync_setCallbacks(m->client, m, on_lost, on_arrived, NULL);
-        if (r != MQTTASYNC_SUCCESS) {
-                mqtt_destroy(m);
-                return -EINVAL;
-        }
         *ret = m;
         return 0;
+}
+
+/* Whatever is under way belongs to an earlier connection from now on: its publishes are
+ * forgotten and its confirmations dropped (loop thread). */
+static void new_generation(struct mqtt_ep *m) {
+        m->gen++;
+        m->n_pend = 0;
+        pthread_mutex_lock(&m->lock);
+        m->ack_gen = m->gen;
+        m->n_acks = 0;
+        m->acks_oom = false;
+        pthread_mutex_unlock(&m->lock);
 }
 
 static int mqtt_connect(void *t) {
         struct mqtt_ep *m = t;
         MQTTAsync_connectOptions o = MQTTAsync_connectOptions_initializer;
         MQTTAsync_SSLOptions ssl = MQTTAsync_SSLOptions_initializer;
-        m->gen++;
-        m->n_pend = 0;
+        new_generation(m);
+        if (m->client_used) {
+                /* A new client, so nothing the last one still had queued goes out first
+                 * (paho-inbox.h). */
+                struct gw_paho_client_conf pc = client_conf(m);
+                int r = gw_paho_client_renew(&pc, &m->client);
+                if (r != MQTTASYNC_SUCCESS) {
+                        char why[128];
+                        snprintf(why, sizeof why, "paho cannot create a client for %s (code %d)", m->address, r);
+                        gw_endpoint_down(m->ep, -ENOMEM, why);
+                        return 0;
+                }
+        }
+        m->client_used = true;
         struct conn_ctx *c = &m->ctx[m->gen % MQTT_CTX_RING];
         *c = (struct conn_ctx) { .m = m, .gen = m->gen };
         o.keepAliveInterval = m->keep_alive_sec;
@@ -397,7 +439,7 @@ static int mqtt_send(void *t, const struct gw_ep_item *items, size_t n) {
                 const void *body = hub_msg_body(items[i].msg, &len);
                 ro.onSuccess = on_pub_ok;
                 ro.onFailure = on_pub_fail;
-                ro.context = m;
+                ro.context = &m->ctx[m->gen % MQTT_CTX_RING];
                 expand_topic(m, &items[i], topic, sizeof topic);
                 int r = MQTTAsync_send(m->client, topic, (int) len, body, (int) m->qos, 0, &ro);
                 if (r != MQTTASYNC_SUCCESS) {
@@ -417,13 +459,12 @@ static int mqtt_send(void *t, const struct gw_ep_item *items, size_t n) {
 static void mqtt_disconnect(void *t) {
         struct mqtt_ep *m = t;
         m->connected = false;
-        m->n_pend = 0;
         if (m->client && MQTTAsync_isConnected(m->client)) {
                 MQTTAsync_disconnectOptions d = MQTTAsync_disconnectOptions_initializer;
                 d.timeout = 0;
                 (void) MQTTAsync_disconnect(m->client, &d);
         }
-        m->gen++; /* whatever is under way belongs to the old connection */
+        new_generation(m);
 }
 
 static void mqtt_destroy(void *t) {

@@ -9,7 +9,9 @@
  * MQTTCLIENT_PERSISTENCE_NONE (the outbox is the persistence), clean session. The devices'
  * connections open when the endpoint starts and stay open: a device must be reachable from
  * the cloud (C2D into its local queue, methods, desired properties) also while it is offline
- * here. Each connection retries on its own with exponential backoff and ±25% jitter.
+ * here. Each connection retries on its own with exponential backoff and ±25% jitter, and
+ * each attempt after the first gets a new paho client (gw_paho_client_renew(), paho-inbox.h:
+ * paho would send what an old client still had queued ahead of the resend).
  *
  * Reconnecting after an outage: retry.max is long (10 s by default: one connection per device
  * to a cloud that throttles new connections), so while devices wait after a transport failure
@@ -160,6 +162,7 @@ struct up_dev {
         struct up_ep *u;
         char *id, *key, *password;
         MQTTAsync client;
+        bool client_used;              /* client has made a connection attempt (the next one gets a new client) */
         enum dev_state state;
         unsigned gen;
         struct conn_ctx ctx[UP_CTX_RING];
@@ -591,6 +594,18 @@ static void probe_reachable(void *ud, bool was_down) {
         u->outage_start = 0;
 }
 
+static struct gw_paho_client_conf client_conf(struct up_dev *d) {
+        return (struct gw_paho_client_conf) {
+                .uri = d->u->address,
+                .client_id = d->id,
+                .mqtt_version = MQTTVERSION_3_1_1,
+                .max_buffered = (int) d->u->window,
+                .context = d,
+                .lost = on_lost,
+                .arrived = on_arrived,
+        };
+}
+
 static void dev_connect(struct up_dev *d) {
         struct up_ep *u = d->u;
         MQTTAsync_connectOptions o = MQTTAsync_connectOptions_initializer;
@@ -602,6 +617,21 @@ static void dev_connect(struct up_dev *d) {
 
         if (!u->active)
                 return;
+        if (d->client_used) {
+                /* A new client, so nothing the last one still had queued goes out first
+                 * (paho-inbox.h). */
+                struct gw_paho_client_conf pc = client_conf(d);
+                r = gw_paho_client_renew(&pc, &d->client);
+                if (r != MQTTASYNC_SUCCESS) {
+                        char why[96];
+                        snprintf(why, sizeof why, "paho cannot create a client (code %d)", r);
+                        d->gen++;
+                        d->state = DEV_CONNECTING;
+                        dev_down(d, why);
+                        return;
+                }
+        }
+        d->client_used = true;
         d->gen++;
         d->state = DEV_CONNECTING;
         struct conn_ctx *c = &d->ctx[d->gen % UP_CTX_RING];
@@ -1614,7 +1644,6 @@ static int up_create(struct gw_endpoint *ep, const struct gw_endpoint_conf *c, v
         }
         for (size_t i = 0; i < c->n_devices; i++) {
                 struct up_dev *d = &u->devs[i];
-                MQTTAsync_createOptions co = MQTTAsync_createOptions_initializer;
                 d->u = u;
                 d->id = strdup(c->devices[i].id);
                 d->key = strdup(c->devices[i].key);
@@ -1630,12 +1659,8 @@ static int up_create(struct gw_endpoint *ep, const struct gw_endpoint_conf *c, v
                         return r;
                 }
                 (void) sd_event_source_set_enabled(d->timer, SD_EVENT_OFF);
-                co.sendWhileDisconnected = 0;
-                co.maxBufferedMessages = (int) u->window;
-                co.MQTTVersion = MQTTVERSION_3_1_1;
-                r = MQTTAsync_createWithOptions(&d->client, u->address, d->id, MQTTCLIENT_PERSISTENCE_NONE, NULL, &co);
-                if (r == MQTTASYNC_SUCCESS)
-                        r = MQTTAsync_setCallbacks(d->client, d, on_lost, on_arrived, NULL);
+                struct gw_paho_client_conf pc = client_conf(d);
+                r = gw_paho_client_new(&pc, &d->client);
                 if (r != MQTTASYNC_SUCCESS) {
                         gw_log_error("Endpoint %s: paho cannot create a client for %s at %s (code %d)", c->name,
                                      d->id, u->address, r);

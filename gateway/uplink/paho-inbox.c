@@ -91,3 +91,34 @@ struct gw_paho_inbox *gw_paho_inbox_free(struct gw_paho_inbox *ib) {
         free(ib);
         return NULL;
 }
+
+/* ---- paho clients (paho-inbox.h) ------------------------------------------------------------- */
+
+int gw_paho_client_new(const struct gw_paho_client_conf *c, MQTTAsync *ret) {
+        MQTTAsync_createOptions co = MQTTAsync_createOptions_initializer;
+        MQTTAsync client = NULL;
+        co.sendWhileDisconnected = 0;
+        co.maxBufferedMessages = c->max_buffered;
+        co.MQTTVersion = c->mqtt_version;
+        int r = MQTTAsync_createWithOptions(&client, c->uri, c->client_id, MQTTCLIENT_PERSISTENCE_NONE, NULL, &co);
+        if (r != MQTTASYNC_SUCCESS)
+                return r;
+        r = MQTTAsync_setCallbacks(client, c->context, c->lost, c->arrived, NULL);
+        if (r != MQTTASYNC_SUCCESS) {
+                MQTTAsync_destroy(&client);
+                return r;
+        }
+        *ret = client;
+        return MQTTASYNC_SUCCESS;
+}
+
+int gw_paho_client_renew(const struct gw_paho_client_conf *c, MQTTAsync *client) {
+        MQTTAsync fresh;
+        int r = gw_paho_client_new(c, &fresh);
+        if (r != MQTTASYNC_SUCCESS)
+                return r;
+        if (*client)
+                MQTTAsync_destroy(client);
+        *client = fresh;
+        return MQTTASYNC_SUCCESS;
+}

@@ -10,6 +10,7 @@
  * poster; after the handler ran, the inbox calls free_item on it (also for records still
  * queued when the inbox is freed). */
 
+#include <MQTTAsync.h>
 #include <systemd/sd-event.h>
 
 struct gw_paho_item {
@@ -28,3 +29,34 @@ void gw_paho_inbox_post(struct gw_paho_inbox *ib, struct gw_paho_item *item);
 /* Loop thread, after the paho clients that post here are destroyed. Frees what is queued.
  * Accepts NULL; returns NULL. */
 struct gw_paho_inbox *gw_paho_inbox_free(struct gw_paho_inbox *ib);
+
+/* ---- paho clients, one per connection ------------------------------------------------------
+ *
+ * paho.mqtt.c keeps a client's queued commands across a lost connection: publishes handed to
+ * MQTTAsync_send() that its send thread had not written yet go out on the client's next
+ * connection, before anything sent after the reconnect (MQTTCLIENT_PERSISTENCE_NONE and a
+ * clean session do not drop them; only MQTTAsync_destroy() does). The transports resend
+ * from their cursor after a reconnect, so those leftovers would reach the broker ahead of
+ * older messages of the same device (seen: 44-52 leftovers after a broker restart during a
+ * drain, first deliveries out of order per device). So every connection after the first
+ * gets a new client: gw_paho_client_renew(). */
+
+struct gw_paho_client_conf {
+        const char *uri, *client_id;
+        int mqtt_version;           /* MQTTVERSION_DEFAULT, MQTTVERSION_3_1_1, ... */
+        int max_buffered;           /* createOptions.maxBufferedMessages */
+        void *context;              /* for lost and arrived */
+        MQTTAsync_connectionLost *lost;
+        MQTTAsync_messageArrived *arrived;
+};
+
+/* A client (persistence none, no sending while disconnected) with its callbacks set. A paho
+ * code (MQTTASYNC_SUCCESS). */
+int gw_paho_client_new(const struct gw_paho_client_conf *c, MQTTAsync *ret);
+
+/* Loop thread, while *client is not connected: replaces it by a new client made as
+ * gw_paho_client_new() does and destroys the old one, with whatever it still had queued
+ * (paho calls the failure callbacks of those commands from here, on this thread). The new
+ * client is made first: destroying the process's last client would stop paho's threads and
+ * wait for them. A paho code; on failure *client is left as it was. */
+int gw_paho_client_renew(const struct gw_paho_client_conf *c, MQTTAsync *client);

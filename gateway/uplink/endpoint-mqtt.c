@@ -394,7 +394,8 @@ static int mqtt_connect(void *t) {
                 char why[128];
                 snprintf(why, sizeof why, "paho refused to connect to %s (code %d)", m->address, r);
                 gw_endpoint_down(m->ep, -EIO, why);
-        }
+        } else
+                gw_paho_inbox_wake_receiver(m->inbox); /* else paho notices the socket up to 1 s later */
         return 0;
 }
 

@@ -23,12 +23,11 @@
  * 500 ms) and "upstream NAME reachable again after Xs" is logged: once per outage (the next
  * outage begins after a device connected again). An address that answers from the first
  * probe on (the cloud dropped a connection, or refuses above TCP) leaves the backoff alone.
- * paho's receive thread notices a new connection's socket only after its 1 s poll returns
- * (when none of the process's paho connections has traffic), so the first message reaches the
- * cloud about 1.2 s after it is back. (Waking that thread through a socket of its set made it
- * ~0.1 s, but connections then broke right after their CONNACK during a drain and the
- * broker's subscribers saw first deliveries out of order per device: bench-kill9.py
- * "reordered" 10-26 per run against 0 without; not done.)
+ * paho's receive thread would notice a new connection's socket only after its 1 s poll
+ * returns (when none of the process's paho connections has traffic); every connect therefore
+ * wakes it (gw_paho_inbox_wake_receiver(), paho-inbox.h), so the first message reaches the
+ * cloud a few tens of milliseconds after the TLS handshake and CONNACK, and at most one probe
+ * period plus that after the cloud is back.
  *
  * Up (the framework hands messages in order; each device has its own queue):
  *   - device messages (iothub-message-source Telemetry): QoS 1 publish to
@@ -672,7 +671,8 @@ static void dev_connect(struct up_dev *d) {
                 char why[96];
                 snprintf(why, sizeof why, "paho refused to connect (code %d)", r);
                 dev_down(d, why);
-        }
+        } else
+                gw_paho_inbox_wake_receiver(u->inbox); /* else paho notices the socket up to 1 s later */
 }
 
 static void publish_raw(struct up_dev *d, const char *topic, const void *body, size_t len, int qos) {

@@ -8,7 +8,11 @@
  *
  * A record is any struct whose first member is a struct gw_paho_item, allocated by the
  * poster; after the handler ran, the inbox calls free_item on it (also for records still
- * queued when the inbox is freed). */
+ * queued when the inbox is freed).
+ *
+ * The inbox also wakes paho's receive thread after a connect (gw_paho_inbox_wake_receiver()),
+ * see there. The first inbox of the process creates the waker (a private paho client and a
+ * loopback listening socket), the last one freed destroys it. */
 
 #include <MQTTAsync.h>
 #include <systemd/sd-event.h>
@@ -30,6 +34,26 @@ void gw_paho_inbox_post(struct gw_paho_inbox *ib, struct gw_paho_item *item);
  * Accepts NULL; returns NULL. */
 struct gw_paho_inbox *gw_paho_inbox_free(struct gw_paho_inbox *ib);
 
+/* paho.mqtt.c 1.3.x has one receive thread per process. It polls a saved copy of its socket
+ * set for readability with a 1 s timeout (Socket_getReadySocket), and looks at the sockets
+ * whose TCP connect completed (it then sends the CONNECT, or starts the TLS handshake) only
+ * after that poll returned (an event or the timeout; an interrupted poll, EINTR, skips that
+ * check and sleeps 100 ms). A completed connect makes a socket writable, not readable, and an
+ * MQTT server sends nothing first, so a connection made with MQTTAsync_connect() would wait
+ * for the end of that poll: up to a second before its first packet.
+ *
+ * The remedy is a socket in that set which we can make readable: each inbox holds a
+ * reference on a process-wide waker, a listening socket on 127.0.0.1 (any port) to which a
+ * private paho client connects once (its CONNECT must carry a random client id, anybody else
+ * is closed; answered with a CONNACK; no keep-alive). gw_paho_inbox_wake_receiver(), called
+ * right after MQTTAsync_connect() (loop thread), writes a PINGRESP (2 bytes, which paho
+ * takes and ignores) to that connection at 1, 5, 15, 30, 60, 100, 170, 270, 420 and 650 ms
+ * (the connect runs on paho's send thread, and completes after a round trip): each time
+ * the receive thread's poll returns, it copies the socket set again and handles the new
+ * connection. Once its CONNECT (or TLS handshake) is out, the answers arrive on its own
+ * socket. A later call restarts the sequence. Without a waker (it could not be set up:
+ * logged once per inbox) connections only take paho's second longer. */
+void gw_paho_inbox_wake_receiver(struct gw_paho_inbox *ib);
 /* ---- paho clients, one per connection ------------------------------------------------------
  *
  * paho.mqtt.c keeps a client's queued commands across a lost connection: publishes handed to

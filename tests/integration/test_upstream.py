@@ -20,10 +20,10 @@
    PUBACK, and is queued at the next start; the same message id again is dropped; a store
    busy for longer than its timeout leaves the message in the spool, queued again 5 s later.
 4. Drain after an outage with retry.max 10 s: the reachability probe reconnects the devices
-   as soon as the cloud listens again (the first message within 2 s, not up to 10 s).
+   as soon as the cloud listens again (the first message within 1 s, not up to 10 s).
 5. The same for an `mqtt` endpoint (the framework's probe, uplink.c) to a plain mosquitto:
    the first message is confirmed well within a second of the broker listening again
-   (asserted < 2.5 s for a loaded machine under ASan, the figure is printed), and a broker
+   (asserted < 1 s, the figure is printed: ~0.03 s under ASan), and a broker
    that refuses the CONNACK is still retried with backoff (not at the probe's pace).
 6. The far side going away three times during a drain of 20,000 messages (a TCP proxy the
    test takes down and up), for an `mqtt` endpoint and for `upstream`: every message arrives
@@ -819,8 +819,9 @@ def test_drain_after_outage():
     assert line, "no 'reachable again' log line"
     # probe period 0.1 s + TLS + the twin GET and the first publish (under ASan on a loaded
     # machine): a few hundred ms; without the probe the next attempt is up to 10 s away,
-    # without the wake-up of paho's receive thread about a second more.
-    assert t_first < 2.0, t_first
+    # without the wake-up of paho's receive thread about a second more. The issue's goal is
+    # 1 s (0.11 s measured under ASan).
+    assert t_first < 1.0, t_first
     evs = events(cloud.d, done=lambda evs: len(evs) >= 20, timeout=30)
     check_order(evs, {"dev1": 20})
     gw.stop()
@@ -871,9 +872,9 @@ def test_mqtt_endpoint_reconnect():
     """An `mqtt` endpoint with retry {initial: 5s, max: 10s} whose broker is away for 7 s: its
     attempts come about 3.75-6.25 s after the outage began and 7.5-10 s after that, so the
     next one would be at least 4.25 s away, but the framework's reachability probe (a TCP
-    connect every 100 ms while the endpoint is down) reconnects it at once; paho's receive
-    thread adds up to a second (its poll), so the first message is confirmed (PUBACK, cursor
-    moved) about 1.1-1.8 s after the broker listens again, not 4-6 s. Then a
+    connect every 100 ms while the endpoint is down) reconnects it at once, and paho's receive
+    thread is woken so that the connection does not wait for its 1 s poll: the first message is
+    confirmed (PUBACK, cursor moved) within a second (tens of ms) of the broker listening again. Then a
     broker that refuses the connection (CONNACK 5): the probe answers from its first try, so
     the backoff stays (one attempt at once, the next about 5 s later), and the broker is not
     hammered (the probe alone would retry ten times a second)."""
@@ -911,25 +912,22 @@ def test_mqtt_endpoint_reconnect():
     print(f"mqtt endpoint: first message confirmed {t_first:.3f}s after the broker listened again "
           f"(retry 5s..10s, outage 7s)", file=sys.stderr)
     assert "answers again; reconnecting now" in gw.daemon.log(), gw.daemon.log()[-3000:]
-    # Without the probe the next attempt would come >= 11.25 s after the outage began, i.e.
-    # >= 4.25 s after the broker is back; with it ~0.1 s + paho's poll (<= 1 s) + load.
-    assert t_first < 4.0, t_first
+    # The issue's goal: the drain starts within a second of the far side's return (without
+    # the probe, >= 4.25 s; without the waker of paho's receive thread, ~1.1 s).
+    assert t_first < 1.0, t_first
     wait_for(lambda: gw.endpoint("sink")["backlog"]["count"] == 0, timeout=30, what="the sink drained")
     stop_proc(sink)
 
     # A broker that refuses: backed off, not retried at the probe's pace.
     wait_for(lambda: gw.endpoint("sink")["state"] != "up", timeout=20, what="the sink endpoint down")
     sink, log, t_listen = sink_broker(d, port, refuse=True)
-    # 8 s: the first attempt comes after the backoff (5 s at most here, with jitter) and paho
-    # sends its CONNECT up to a second later (its receive thread's poll). At the probe's pace
-    # (100 ms) there would be dozens.
-    time.sleep(8.0)
+    time.sleep(6.0)
     text = open(log).read()
     refused = len(re.findall(r"not authori[sz]ed", text))
     conns = len(re.findall(r"New connection from", text))
     print(f"mqtt endpoint against a refusing broker: {refused} refused CONNECTs and {conns} TCP connections "
-          f"in 8 s", file=sys.stderr)
-    assert 1 <= refused <= 4, text[-3000:]
+          f"in 6 s", file=sys.stderr)
+    assert 1 <= refused <= 6, text[-3000:]
     assert gw.endpoint("sink")["state"] != "up"
     stop_proc(sink)
     gw.stop()

@@ -60,6 +60,7 @@ struct waker {
                 struct waker *w;
         } pend[4];                    /* accepted, CONNECT not yet read */
         sd_event_source *csrc;
+        uint64_t connect_at;          /* when waker_connect() last asked paho (monotonic) */
 };
 
 static struct waker *the_waker;
@@ -138,8 +139,16 @@ static int on_accept(sd_event_source *s, int fd, uint32_t revents, void *ud) {
         return 0;
 }
 
+/* A connect still under way is not asked for again before 5 s: paho would restart it (and its
+ * timeout) with every call. */
+#define WAKER_RECONNECT_USEC (5 * USEC_PER_SEC)
+
 static void waker_connect(struct waker *w) {
         MQTTAsync_connectOptions o = MQTTAsync_connectOptions_initializer;
+        uint64_t now = hub_clock_mono(hub_clock_system());
+        if (w->connect_at && now - w->connect_at < WAKER_RECONNECT_USEC)
+                return;
+        w->connect_at = now;
         o.keepAliveInterval = 0; /* no PINGREQ: the PINGRESPs it gets are the wakes */
         o.cleansession = 1;
         o.connectTimeout = 5;
@@ -232,7 +241,9 @@ static void waker_kick(void) {
                         waker_connect(w);
                 return;
         }
-        if (write(w->cfd, pingresp, sizeof pingresp) < 0 && errno != EAGAIN)
+        /* Both bytes or none: a lone 0xd0 would make paho read the next one as a length. */
+        ssize_t n = send(w->cfd, pingresp, sizeof pingresp, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n != (ssize_t) sizeof pingresp && !(n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)))
                 waker_drop_conn(w);
 }
 

@@ -429,6 +429,20 @@ static void expand_topic(const struct mqtt_ep *m, const struct gw_ep_item *it, c
         out[o] = 0;
 }
 
+/* The framework logs "send failed: %m" for what MQTTAsync_send() refused: paho already saw the
+ * connection go (its loss callback is on the way), or its window is full. */
+static int send_errno(int paho_code) {
+        switch (paho_code) {
+        case MQTTASYNC_DISCONNECTED:
+                return -ENOTCONN;
+        case MQTTASYNC_MAX_MESSAGES_INFLIGHT:
+        case MQTTASYNC_MAX_BUFFERED_MESSAGES:
+                return -ENOBUFS;
+        default:
+                return -EIO;
+        }
+}
+
 static int mqtt_send(void *t, const struct gw_ep_item *items, size_t n) {
         struct mqtt_ep *m = t;
         char topic[1024];
@@ -447,7 +461,7 @@ static int mqtt_send(void *t, const struct gw_ep_item *items, size_t n) {
                         gw_log_full(LOG_DEBUG, 0, GW_FIELDS(.component = "uplink", .endpoint = gw_endpoint_name(m->ep)),
                                     "paho refused a publish (code %d)", r);
                         m->connected = false;
-                        return -EIO;
+                        return send_errno(r);
                 }
                 if (push_pending(m, ro.token, items[i].seq) < 0) {
                         m->connected = false; /* its confirmation could not be matched: resend */

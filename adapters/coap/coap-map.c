@@ -10,6 +10,7 @@
 
 #include <cbor.h>
 
+#include "adp-util.h"
 #include "coap-map.h"
 #include "hub/macro.h"
 
@@ -300,7 +301,10 @@ static int cbor_to_json(cbor_item_t *it, unsigned depth, json_t **ret) {
                         uint8_t c = cbor_ctrl_value(it);
                         *ret = c == CBOR_CTRL_TRUE ? json_true() : c == CBOR_CTRL_FALSE ? json_false() : json_null();
                 } else {
-                        double d = cbor_float_get_float(it);
+                        /* A half or single float means its shortest decimal (21.7, not
+                         * 21.700000762939453). */
+                        double d = cbor_float_get_width(it) == CBOR_FLOAT_64 ? cbor_float_get_float(it)
+                                                                             : adp_f32_value((float) cbor_float_get_float(it));
                         *ret = isfinite(d) ? json_real(d) : json_null();
                 }
                 break;
@@ -554,12 +558,12 @@ int adp_coap_encode(enum adp_coap_format f, const json_t *v, uint8_t **ret, size
                 }
                 if (json_is_object(v) || json_is_array(v))
                         return -EINVAL;
-                text = json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT);
+                text = adp_json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT);
                 break;
         case ADP_COAP_FORMAT_JSON:
                 if (!depth_ok(v, 0))
                         return -E2BIG;
-                text = json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT);
+                text = adp_json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT);
                 break;
         case ADP_COAP_FORMAT_CBOR: {
                 if (!depth_ok(v, 0))

@@ -21,6 +21,7 @@
 #include <jansson.h>
 
 #include "adp-coap.h"
+#include "adp-util.h"
 #include "coap-map.h"
 #include "hub/msg.h"
 
@@ -589,7 +590,7 @@ static void handle_reading(struct cresource *res, const coap_pdu_t *rcv) {
                 alog(a, LOG_NOTICE, d->id, 0, "resource %s: %zu of %zu points missing from the payload", res->path, missing,
                      res->n_points);
         res->last_usec = a->host->now(a->host->host);
-        _cleanup_free_ char *text = json_dumps(points, JSON_COMPACT | JSON_PRESERVE_ORDER);
+        _cleanup_free_ char *text = adp_json_dumps(points, JSON_COMPACT | JSON_PRESERVE_ORDER);
         json_decref(points);
         if (!text)
                 return;
@@ -770,7 +771,7 @@ static coap_response_t on_response(coap_session_t *s, const coap_pdu_t *sent, co
                 json_t *v = json_loadb((const char *) data, len, JSON_DECODE_ANY, &je);
                 if (!v && !memchr(data, 0, len))
                         v = json_stringn((const char *) data, len);
-                payload = v ? json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT) : NULL;
+                payload = v ? adp_json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT) : NULL;
                 json_decref(v);
         }
         write_done(a, rq, status_of(code), payload);

@@ -13,6 +13,7 @@
 
 #include <jansson.h>
 
+#include "adp-util.h"
 #include "serial-internal.h"
 
 const char *const adp_serial_decoder_names[] = {
@@ -287,7 +288,8 @@ static json_t *binary_field(const struct adp_serial_field *f, const uint8_t *fra
                 uint32_t u = (uint32_t) read_uint_le(p, 4, f->little_endian);
                 float x;
                 memcpy(&x, &u, 4);
-                return number_value(x, f->scaled ? f : NULL);
+                /* The single's shortest decimal (21.7, not 21.700000762939453), then scaled. */
+                return number_value(adp_f32_value(x), f->scaled ? f : NULL);
         }
         case ADP_SERIAL_T_F64: {
                 uint64_t u = read_uint_le(p, 8, f->little_endian);

@@ -370,7 +370,7 @@ static void emit(struct sdev *d, const struct adp_serial_message *m, json_t *val
         size_t k = strftime(iso, sizeof iso, "%Y-%m-%dT%H:%M:%S", &tm);
         snprintf(iso + k, sizeof iso - k, ".%03ldZ", ts.tv_nsec / 1000000);
         json_t *o = json_pack("{s:s,s:s,s:O}", "kind", m->name, "ts", iso, "values", values);
-        char *body = o ? json_dumps(o, JSON_COMPACT) : NULL;
+        char *body = o ? adp_json_dumps(o, JSON_COMPACT) : NULL;
         json_decref(o);
         struct hub_msg *msg = NULL;
         int r = body ? adp_telemetry_new(body, a->name, "serial", "messageKind", m->name, &msg) : -ENOMEM;
@@ -420,7 +420,7 @@ static int on_frame(void *ud, const uint8_t *frame, size_t len) {
                 d->a->host->timer_set(d->a->host->host, d->reply_timer, 0);
                 if (cmd->has_id) {
                         json_t *o = json_pack("{s:s,s:O}", "kind", m->name, "values", values);
-                        char *txt = o ? json_dumps(o, JSON_COMPACT) : NULL;
+                        char *txt = o ? adp_json_dumps(o, JSON_COMPACT) : NULL;
                         d->a->host->command_result(d->a->host->host, cmd->id, 200, txt);
                         free(txt);
                         json_decref(o);

@@ -87,6 +87,19 @@ static void test_cbor(void) {
         expect_json(map(ADP_COAP_FORMAT_CBOR, p, 8, doc, sizeof doc, NULL),
                     "{\"t\":21.5,\"n\":-5,\"big\":18446744073709551615.0,\"b\":\"AQI=\",\"ok\":true,\"one\":null,"
                     "\"tag\":1700000000,\"s\":\"abcd\"}");
+        /* Half and single floats mean their shortest decimal as a single: {"s": 21.7f, "h": 0.1 as a half
+         * (0.0999755859375), "d": 0.1 as a double}. */
+        static const uint8_t floats[] = {
+                0xa3, 0x61, 's', 0xfa, 0x41, 0xad, 0x99, 0x9a,
+                0x61, 'h', 0xf9, 0x2e, 0x66,
+                0x61, 'd', 0xfb, 0x3f, 0xb9, 0x99, 0x99, 0x99, 0x99, 0x99, 0x9a,
+        };
+        struct adp_coap_point fp[] = { { "s", "s" }, { "h", "h" }, { "d", "d" } };
+        json_t *fl = map(ADP_COAP_FORMAT_CBOR, fp, 3, floats, sizeof floats, NULL);
+        ASSERT_TRUE(json_real_value(json_object_get(fl, "s")) == 21.7);
+        ASSERT_TRUE(json_real_value(json_object_get(fl, "h")) == 0.099975586); /* a single's shortest */
+        ASSERT_TRUE(json_real_value(json_object_get(fl, "d")) == 0.1);
+        json_decref(fl);
         json_t *out = NULL;
         static const uint8_t trailing[] = { 0x01, 0x02 };
         ASSERT_ERR(adp_coap_map(ADP_COAP_FORMAT_CBOR, p, 1, trailing, 2, &out, NULL), -EBADMSG);
@@ -116,6 +129,12 @@ static void test_encode(void) {
         ASSERT_OK(adp_coap_encode(ADP_COAP_FORMAT_JSON, v, &b, &n));
         ASSERT_EQ(n, strlen("{\"a\":-3,\"l\":[true,null],\"f\":1.5}"));
         free(b);
+        /* Reals as short as they read back (jansson alone writes 0.10000000000000001). */
+        json_t *tenth = json_pack("{s:f}", "f", 0.1);
+        ASSERT_OK(adp_coap_encode(ADP_COAP_FORMAT_JSON, tenth, &b, &n));
+        ASSERT_TRUE(n == strlen("{\"f\":0.1}") && memcmp(b, "{\"f\":0.1}", n) == 0);
+        free(b);
+        json_decref(tenth);
         ASSERT_ERR(adp_coap_encode(ADP_COAP_FORMAT_RAW, v, &b, &n), -EINVAL);
         json_decref(v);
         v = json_real(22.5);

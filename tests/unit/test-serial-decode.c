@@ -118,7 +118,7 @@ static void test_binary(void) {
         f[8] = 0xFF, f[9] = 0xFF, f[10] = 0xFE; /* -2 */
         f[11] = 0x00, f[12] = 0x5E, f[13] = 0xD0, f[14] = 0xB2; /* 3000000000 LE */
         f[15] = 0xF8, f[16] = 0xA4, f[17] = 0x32, f[18] = 0xEB; /* -123456789 */
-        f[19] = 0xC4, f[20] = 0x9A, f[21] = 0x50, f[22] = 0x00; /* -1234.5f */
+        f[19] = 0x41, f[20] = 0xAD, f[21] = 0x99, f[22] = 0x9A; /* 21.7f (21.700000762939453) */
         double pi = 3.141592653589793;
         memcpy(f + 23, &pi, 8);                 /* little endian host */
         f[31] = 0x12, f[32] = 0x34;
@@ -133,7 +133,7 @@ static void test_binary(void) {
         ASSERT_EQ(json_integer_value(json_object_get(o, "i24")), -2);
         ASSERT_EQ(json_integer_value(json_object_get(o, "u32le")), 3000000000LL);
         ASSERT_EQ(json_integer_value(json_object_get(o, "i32")), -123456789);
-        ASSERT_TRUE(NUM(o, "f32") == -1234.5);
+        ASSERT_TRUE(NUM(o, "f32") == 21.7); /* the decimal the instrument meant */
         ASSERT_TRUE(NUM(o, "f64le") == pi);
         ASSERT_TRUE(json_is_true(json_object_get(o, "flag")));
         ASSERT_EQ(json_integer_value(json_object_get(o, "nib")), 5);

@@ -20,9 +20,20 @@ killed with SIGKILL and restarted again and again.
   order per device of first deliveries, and replay the `events` stream over the admin socket
   (monitor-events from the oldest event kept) to check that it holds every PUBACKed message.
 
+With `--sink upstream` the sink is a second fieldhubd playing the cloud IoT hub (own state
+directory, config and CA, MQTT/TLS on a fixed loopback port, the N devices created there) and
+the route goes to an `upstream` endpoint (every local device connects to the cloud as itself
+with the same key, gateway/uplink/endpoint-upstream.c). "Stopping the sink" is a SIGTERM of the
+cloud by pid and a restart on the same state directory (it keeps its events). A reader process
+follows the cloud's event stream over its admin socket (monitor-events, resuming after the
+last seq it saw when the cloud comes back) for the progress column; the verdict comes from a
+full replay of the cloud's event stream at the end (after=0: every telemetry event it kept),
+with the same figures as the mqtt mode (lost, duplicates, delivered without PUBACK, reordered
+first deliveries per device), plus the gateway's own `events` stream as in the mqtt mode.
+
 Exit status 0: no loss; 1: loss (or a check failed); 2: the harness itself failed.
 
-    python3 tests/bench/bench-kill9.py [BUILDDIR] [--cycles 20] [--devices 10] [--seed N]
+    python3 tests/bench/bench-kill9.py [BUILDDIR] [--sink mqtt|upstream] [--cycles 20] [--devices 10] [--seed N]
 """
 
 import argparse
@@ -216,10 +227,70 @@ def subscriber_main(port, out_path, client_id):
     return 0
 
 
-class Subscriber:
-    """The main process's view of the subscriber process: reads its output as it grows."""
+def cloud_reader_main(sock_path, out_path):
+    """--sink upstream: follows the cloud's event stream (admin monitor-events, from after=0),
+    in its own process like the subscriber; appends every telemetry event's payload as a line
+    to out_path ("#connected" for every admin connection). When the cloud goes away (its stop),
+    reconnects every 0.05 s and resumes after the last seq it saw."""
+    out = open(out_path, "ab", buffering=1 << 20)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    signal.signal(signal.SIGINT, lambda *a: stop.set())
+    after = 0
+    last_flush = time.monotonic()
+    while not stop.is_set():
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(2.0)
+            s.connect(sock_path)
+            s.sendall(json.dumps({"cmd": "monitor-events", "args": {"after": after}}).encode() + b"\n")
+            s.settimeout(0.1)
+            buf = b""
+            first = True
+            while not stop.is_set():
+                if time.monotonic() - last_flush > 0.1:
+                    out.flush()
+                    last_flush = time.monotonic()
+                try:
+                    chunk = s.recv(1 << 20)
+                except socket.timeout:
+                    continue
+                if not chunk:
+                    break
+                buf += chunk
+                lines = buf.split(b"\n")
+                buf = lines.pop()
+                for ln in lines:
+                    j = json.loads(ln)
+                    if first:
+                        first = False
+                        if not j.get("ok"):
+                            raise OSError(f"monitor-events: {j}")
+                        out.write(b"#connected\n")
+                        continue
+                    ev = j.get("event")
+                    if not ev:
+                        continue
+                    after = max(after, int(j.get("seq", after)))
+                    pl = ev.get("payload")
+                    if ev["properties"]["system"].get("iothub-message-source", "Telemetry") == "Telemetry" \
+                            and isinstance(pl, str):
+                        out.write(pl.encode() + b"\n")
+        except (OSError, ValueError):
+            pass
+        finally:
+            s.close()
+        out.flush()
+        stop.wait(0.05)
+    out.flush()
+    return 0
 
-    def __init__(self, d, port):
+
+class Subscriber:
+    """The main process's view of the subscriber process (or, --sink upstream, of the cloud's
+    event reader: `cmd`): reads its output as it grows."""
+
+    def __init__(self, d, port, cmd=None):
         self.path = f"{d}/sink-received.txt"
         open(self.path, "wb").close()
         self.f = open(self.path, "rb")
@@ -227,12 +298,15 @@ class Subscriber:
         self.got = []  # (dev, seq) in arrival order
         self.connects = 0
         self.last = time.monotonic()
-        self.proc = spawn([sys.executable, os.path.abspath(__file__), "--subscriber", str(port), self.path,
-                           f"bench-kill9-sub-{os.getpid()}"])
+        if cmd is None:
+            cmd = ["--subscriber", str(port), self.path, f"bench-kill9-sub-{os.getpid()}"]
+        else:
+            cmd = cmd + [self.path]
+        self.proc = spawn([sys.executable, os.path.abspath(__file__), *cmd])
         end = time.monotonic() + 10
         while self.connects == 0:
             if time.monotonic() > end or self.proc.poll() is not None:
-                raise RuntimeError("the sink subscriber did not connect")
+                raise RuntimeError("the sink subscriber (upstream: the cloud's event reader) did not connect")
             time.sleep(0.02)
             self.poll()
 
@@ -262,9 +336,11 @@ class Subscriber:
 # ---- fieldhubd ------------------------------------------------------------------------------
 
 
-def config_text(d, mqtt_port, sink_port):
+def daemon_config_text(host_name, d, mqtt_port):
+    """What the gateway and the cloud share: hub name, state in d, logs on stderr, the admin
+    socket, MQTT/TLS on a fixed loopback port."""
     return f"""hub:
-  host_name: {HOST}
+  host_name: {host_name}
 state_dir: {d}/state
 logs_dir: {d}/logs
 log:
@@ -274,15 +350,15 @@ admin:
   socket: {d}/admin.sock
 mqtt:
   listen: ["127.0.0.1:{mqtt_port}"]
-endpoints:
+"""
+
+
+def config_text(d, mqtt_port, sink_endpoint):
+    """The gateway: MQTT/TLS for the devices, every device message routed to the endpoint
+    named sink (sink_endpoint: its YAML lines after `name: sink`), the fallback to events."""
+    return daemon_config_text(HOST, d, mqtt_port) + f"""endpoints:
   - name: sink
-    type: mqtt
-    address: tcp://127.0.0.1:{sink_port}
-    client_id: fieldhub-bench-kill9
-    qos: 1
-    topic: "k9/{{deviceId}}"
-    retry: {{initial: 100ms, max: 500ms}}
-routes:
+{sink_endpoint}routes:
   - name: all
     source: DeviceMessages
     condition: "true"
@@ -290,6 +366,40 @@ routes:
 fallback_route:
   enabled: true
 """
+
+
+def mqtt_sink_endpoint(sink_port):
+    """--sink mqtt: an `mqtt` endpoint on the mosquitto sink."""
+    return f"""    type: mqtt
+    address: tcp://127.0.0.1:{sink_port}
+    client_id: fieldhub-bench-kill9
+    qos: 1
+    topic: "k9/{{deviceId}}"
+    retry: {{initial: 100ms, max: 500ms}}
+"""
+
+
+CLOUD_HOST = "cloud.bench.local"
+
+
+def upstream_sink_endpoint(d, cloud, devs):
+    """--sink upstream: an `upstream` endpoint (the cloud fieldhubd), every device with its
+    key file (the cloud's key: the gateway gives its local identity the same key at start)."""
+    keys = "".join(f"      - {{id: {dv}, key_file: {d}/keys/{dv}.key}}\n" for dv in devs)
+    return f"""    type: upstream
+    host_name: {CLOUD_HOST}
+    gateway_host: 127.0.0.1
+    port: {cloud.port}
+    tls: {{ca_file: {cloud.ca}}}
+    retry: {{initial: 100ms, max: 1s}}
+    devices:
+{keys}"""
+
+
+def cloud_config_text(d, port):
+    """The cloud: a plain fieldhubd (no routes: its built-in events endpoint keeps every
+    device message for its retention time, a day), MQTT/TLS on a fixed loopback port."""
+    return daemon_config_text(CLOUD_HOST, d, port)
 
 
 class Fieldhubd:
@@ -348,10 +458,13 @@ class Fieldhubd:
                 return e
         raise RuntimeError("no endpoint named sink in fieldhubctl endpoints")
 
-    def events_replay(self, idle=2.0, timeout=120):
+    def replay_keys(self, idle=2.0, timeout=180):
         """Every event the stream still holds (admin `monitor-events` with after=0: from the
-        oldest event kept), read until the stream is idle for `idle` seconds."""
+        oldest event kept), read until the stream is idle for `idle` seconds; returns the number
+        of events and the (device, seq) of the bench's telemetry messages in stream order
+        (payload "dev:seq" from that device): ~10^6 events kept as dicts would take gigabytes."""
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
         s.connect(f"{self.d}/admin.sock")
         s.sendall(json.dumps({"cmd": "monitor-events", "args": {"after": 0}}).encode() + b"\n")
         f = s.makefile("rb")
@@ -359,7 +472,7 @@ class Fieldhubd:
         if not first.get("ok"):
             raise RuntimeError(f"monitor-events: {first}")
         s.settimeout(idle)
-        out = []
+        n, keys = 0, []
         end = time.monotonic() + timeout
         try:
             while time.monotonic() < end:
@@ -367,12 +480,78 @@ class Fieldhubd:
                 if not line:
                     break
                 ev = json.loads(line).get("event")
-                if ev:
-                    out.append(ev)
+                if not ev:
+                    continue
+                n += 1
+                if ev["properties"]["system"].get("iothub-message-source", "Telemetry") != "Telemetry":
+                    continue
+                pl = ev.get("payload")
+                if isinstance(pl, str) and ":" in pl:
+                    dv, _, sq = pl.partition(":")
+                    if sq.isdigit() and dv == ev.get("origin"):
+                        keys.append((dv, int(sq)))
         except (socket.timeout, TimeoutError):
             pass
         s.close()
-        return out
+        if time.monotonic() >= end:
+            raise RuntimeError(f"the replay of {self.d}'s event stream took more than {timeout} s")
+        return n, keys
+
+
+class Cloud:
+    """--sink upstream: the second fieldhubd, the cloud, with the Sink's start/stop/up: stop is
+    a SIGTERM by pid (a clean stop: it keeps its events), start a new instance on the same
+    state directory that returns once it listens for MQTT."""
+
+    def __init__(self, binary, ctl, d, port):
+        self.d, self.port = d, port
+        os.makedirs(f"{d}/logs", exist_ok=True)
+        with open(f"{d}/fieldhub.yaml", "w") as f:
+            f.write(cloud_config_text(d, port))
+        self.hub = Fieldhubd(binary, ctl, d)
+        self.ca = f"{d}/state/ca.crt"
+        self.forced = []  # instances that needed a SIGKILL to stop
+        self.start()
+
+    def start(self):
+        self.hub.start()
+        if not self.hub.wait_log(r"MQTT listening on", timeout=30) or not wait_port(self.port):
+            raise RuntimeError(f"the cloud fieldhubd did not listen within 30 s:\n{self.hub.log()[-3000:]}")
+
+    def stop(self):
+        p = self.hub.proc
+        if p is None:
+            return
+        os.kill(p.pid, signal.SIGTERM)
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            self.forced.append(self.hub.n)
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+        if p in _procs:
+            _procs.remove(p)
+        self.hub.proc = None
+
+    def up(self):
+        return self.hub.proc is not None
+
+
+def connected_devices(log):
+    """The devices whose upstream connection came up in this gateway instance's log."""
+    return set(re.findall(r"Upstream: (\S+) (?:connected to|is connected to)", log))
+
+
+def wait_devices_up(hub, devs, timeout=15.0, step=0.02):
+    end = time.monotonic() + timeout
+    want = set(devs)
+    while time.monotonic() < end:
+        if want <= connected_devices(hub.log()):
+            return True
+        if hub.proc.poll() is not None:
+            raise RuntimeError(f"fieldhubd exited ({hub.proc.returncode}); log {hub.logpath}")
+        time.sleep(step)
+    return False
 
 
 # ---- publishers -----------------------------------------------------------------------------
@@ -472,28 +651,33 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("builddir", nargs="?", default=os.path.join(SRCDIR, "build-bench"),
                     help="release build directory (default: build-bench in the source tree)")
+    ap.add_argument("--sink", choices=("mqtt", "upstream"), default="mqtt",
+                    help="mqtt: a mosquitto sink (default); upstream: a second fieldhubd as the cloud IoT hub")
     ap.add_argument("--cycles", type=int, default=20)
     ap.add_argument("--devices", type=int, default=10)
     ap.add_argument("--seed", type=int, default=None, help="random seed (default: from the clock; printed)")
     ap.add_argument("--window", type=int, default=32, help="unacknowledged messages per publisher")
     ap.add_argument("--outage-every", type=float, default=0.35,
                     help="share of cycles in which the sink is stopped for 1-3 s first")
-    ap.add_argument("--time-limit", type=float, default=290,
-                    help="seconds after which the run is abandoned (exit 2)")
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="seconds after which the run is abandoned (exit 2; default 290, --sink upstream 600)")
     ap.add_argument("--keep", action="store_true", help="keep the state directory (always kept on a failure)")
     args = ap.parse_args()
+    if args.time_limit is None:
+        args.time_limit = 600 if args.sink == "upstream" else 290
+    upstream = args.sink == "upstream"
     seed = args.seed if args.seed is not None else int(time.time()) % 100000
     rnd = random.Random(seed)
 
     fieldhubd = os.environ.get("FIELDHUBD") or os.path.join(args.builddir, "gateway", "fieldhubd")
     fieldhubctl = os.environ.get("FIELDHUBCTL") or os.path.join(args.builddir, "gateway", "fieldhubctl")
-    for b in (fieldhubd, fieldhubctl, MOSQUITTO):
+    for b in (fieldhubd, fieldhubctl) + (() if upstream else (MOSQUITTO,)):
         if not os.access(b, os.X_OK):
             sys.exit(f"bench-kill9: {b} not found (build with -Dtests=true --buildtype=release)")
 
     d = tempfile.mkdtemp(prefix="fieldhub-kill9-", dir="/var/tmp")
     os.makedirs(f"{d}/logs")
-    print(f"bench-kill9: seed {seed}, {args.cycles} cycles, {args.devices} devices, window {args.window}, "
+    print(f"bench-kill9: sink {args.sink}, seed {seed}, {args.cycles} cycles, {args.devices} devices, window {args.window}, "
           f"state {d}", flush=True)
     print(f"  fieldhubd {fieldhubd}", flush=True)
 
@@ -515,18 +699,40 @@ def main():
     ok = False
     try:
         sink_port, mqtt_port = free_port(), free_port()
-        sink = Sink(d, sink_port)
-        sub = Subscriber(d, sink_port)
-        with open(f"{d}/fieldhub.yaml", "w") as f:
-            f.write(config_text(d, mqtt_port, sink_port))
+        devs = [f"dev-{i:02d}" for i in range(args.devices)]
+        keys = {}
+        if upstream:
+            # The cloud first: its devices (and their keys), its CA for the gateway's config.
+            sink = Cloud(fieldhubd, fieldhubctl, f"{d}/cloud", sink_port)
+            os.makedirs(f"{d}/keys")
+            for dv in devs:
+                keys[dv] = sink.hub.ctl("device", "create", dv)["authentication"]["symmetricKey"]["primaryKey"]
+                fd = os.open(f"{d}/keys/{dv}.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(keys[dv] + "\n")
+            sub = Subscriber(d, None, cmd=["--cloud-reader", f"{d}/cloud/admin.sock"])
+            with open(f"{d}/fieldhub.yaml", "w") as f:
+                f.write(config_text(d, mqtt_port, upstream_sink_endpoint(d, sink, devs)))
+        else:
+            sink = Sink(d, sink_port)
+            sub = Subscriber(d, sink_port)
+            with open(f"{d}/fieldhub.yaml", "w") as f:
+                f.write(config_text(d, mqtt_port, mqtt_sink_endpoint(sink_port)))
         hub = Fieldhubd(fieldhubd, fieldhubctl, d)
         hub.start()
         if not hub.wait_log(r"MQTT listening on") or not hub.wait_log(r"Endpoint sink connected"):
             raise RuntimeError(f"fieldhubd did not come up:\n{hub.log()[-3000:]}")
-        devs = [f"dev-{i:02d}" for i in range(args.devices)]
-        keys = {}
-        for dv in devs:
-            keys[dv] = hub.ctl("device", "create", dv)["authentication"]["symmetricKey"]["primaryKey"]
+        if upstream:
+            # The local identities get the cloud's keys at start, before "started".
+            if not hub.wait_log(r"fieldhubd \S+ started") or not wait_devices_up(hub, devs, timeout=30):
+                raise RuntimeError(f"the devices did not connect to the cloud:\n{hub.log()[-3000:]}")
+            for dv in devs:
+                k = hub.ctl("device", "show", dv)["authentication"]["symmetricKey"]["primaryKey"]
+                if k != keys[dv]:
+                    raise RuntimeError(f"the gateway's identity {dv} does not have the cloud's key")
+        else:
+            for dv in devs:
+                keys[dv] = hub.ctl("device", "create", dv)["authentication"]["symmetricKey"]["primaryKey"]
         ca = f"{d}/state/ca.crt"
         pubs = [Publisher(dv, keys[dv], mqtt_port, ca, args.window) for dv in devs]
 
@@ -542,7 +748,9 @@ def main():
         cycles = []
         admin_failures = []
         print("listen: kill -9 -> the new fieldhubd listens; ready: -> it logged \"started\" (READY=1); sink-up: kill -9 (sink-down: the sink's "
-              "restart) -> the sink endpoint is connected", flush=True)
+              "restart) -> the sink endpoint is connected" + (" (upstream: every device connected to the cloud; "
+                                                              "at sink: seen by the cloud's event reader)" if upstream else ""),
+              flush=True)
         print(f"{'cyc':>3} {'kind':<10} {'wait':>5} {'backlog@kill':>12} {'listen':>7} {'ready':>7} {'sink-up':>8} "
               f"{'acked':>8} {'at sink':>8}", flush=True)
         for i in range(args.cycles):
@@ -565,6 +773,9 @@ def main():
                 # Not expected: fieldhubd has been up for a while. Recorded, reported at the end.
                 admin_failures.append((i + 1, kind, hub.n, time.strftime("%H:%M:%S"), str(e)))
                 backlog = "?"
+            # Where each device's seqs stood at this kill: lost or reordered seqs are traced back
+            # to the cycle (and its kind) in which they were published.
+            at_kill = {p.dev: p.next_seq for p in pubs}
             t_kill = time.monotonic()
             hub.kill9()
             hub.start()
@@ -583,10 +794,13 @@ def main():
                 sink.start()
                 t_from = time.monotonic()
             t_sink = None
-            if hub.wait_log(r"Endpoint sink (connected|is reachable again)", timeout=15, step=0.02):
+            if upstream:
+                if wait_devices_up(hub, devs, timeout=15):
+                    t_sink = time.monotonic() - t_from
+            elif hub.wait_log(r"Endpoint sink (connected|is reachable again)", timeout=15, step=0.02):
                 t_sink = time.monotonic() - t_from
             cy = dict(cycle=i + 1, kind=kind, wait=wait, backlog=backlog, listen=t_listen, ready=t_ready, sink=t_sink,
-                      acked=acked_total(), at_sink=sub.count())
+                      acked=acked_total(), at_sink=sub.count(), at_kill=at_kill)
             cycles.append(cy)
             print(f"{i + 1:>3} {kind:<10} {wait:5.2f} {str(backlog):>12} {t_listen:6.3f}s {t_ready:6.3f}s "
                   f"{(f'{t_sink:7.3f}s' if t_sink is not None else '      -'):>8} {cy['acked']:>8} {cy['at_sink']:>8}",
@@ -624,6 +838,21 @@ def main():
         catch_secs = time.monotonic() - t_catch
         sub.close()
         got = list(sub.got)
+        live_only = []
+        if upstream:
+            # The verdict comes from what the cloud kept: a replay of its whole event stream.
+            live = set(got)
+            t_replay = time.monotonic()
+            cloud_events, got = sink.hub.replay_keys()
+            replay_secs = time.monotonic() - t_replay
+            live_only = sorted(live - set(got))
+
+        def cycle_of(dv, sq):
+            """The cycle during which (dv, sq) was published: "N (kind)", "end" after the last."""
+            for c in cycles:
+                if sq < c["at_kill"].get(dv, 0):
+                    return f"{c['cycle']} ({c['kind']})"
+            return "end"
 
         # ---- checks ------------------------------------------------------------------------
         have = set(got)
@@ -642,14 +871,8 @@ def main():
                 if b < a:
                     reordered.append((dv, a, b))
 
-        events = hub.events_replay()
-        ev_keys = set()
-        for ev in events:
-            pl = ev.get("payload")
-            if isinstance(pl, str) and ":" in pl:
-                dv, _, s = pl.partition(":")
-                if s.isdigit() and dv == ev.get("origin"):
-                    ev_keys.add((dv, int(s)))
+        n_events, ev_list = hub.replay_keys()
+        ev_keys = set(ev_list)
         ev_lost = sorted(acked - ev_keys)
 
         total = time.monotonic() - t_start
@@ -661,9 +884,14 @@ def main():
         print(f"  published {sent}, PUBACKed {len(acked)} ({left} still unacknowledged when publishing stopped)")
         print(f"  sink: {len(got)} deliveries, {len(have)} distinct, lost {len(lost)}, duplicates {dups}, "
               f"delivered without PUBACK {unacked_delivered}, reordered {len(reordered)}")
-        print(f"  sink backlog {bl} after {drain_secs:.1f} s; the subscriber caught up in {catch_secs:.1f} s; "
-              f"subscriber (re)connects {sub.connects}")
-        print(f"  events stream: {len(events)} events, {len(ev_keys)} of the bench's messages, lost {len(ev_lost)}")
+        if upstream:
+            print(f"  sink backlog {bl} after {drain_secs:.1f} s; the cloud's event reader caught up in {catch_secs:.1f} s; "
+                  f"reader (re)connects {sub.connects}; the cloud's event stream replayed in {replay_secs:.1f} s "
+                  f"({cloud_events} events; seen live and missing from it: {len(live_only)})")
+        else:
+            print(f"  sink backlog {bl} after {drain_secs:.1f} s; the subscriber caught up in {catch_secs:.1f} s; "
+                  f"subscriber (re)connects {sub.connects}")
+        print(f"  events stream: {n_events} events, {len(ev_keys)} of the bench's messages, lost {len(ev_lost)}")
         if lt:
             print(f"  restart (kill -9 -> listening): median {lt[len(lt) // 2]:.3f} s, max {lt[-1]:.3f} s; "
                   f"per cycle: {' '.join(f'{x:.2f}' for x in (c['listen'] for c in cycles))}")
@@ -673,8 +901,13 @@ def main():
         if st:
             print(f"  sink endpoint connected again (see above): median {st[len(st) // 2]:.3f} s, max {st[-1]:.3f} s")
         print(f"  publisher connects: {sum(p.connects for p in pubs)}")
-        with open(f"{d}/mosquitto.log", "rb") as f:
-            oom = f.read().count(b"disconnected due to out of memory")
+        oom = 0
+        if not upstream:
+            with open(f"{d}/mosquitto.log", "rb") as f:
+                oom = f.read().count(b"disconnected due to out of memory")
+        elif sink.forced:
+            print(f"  note: the cloud did not stop within 20 s of its SIGTERM and was killed (instances "
+                  f"{', '.join(f'cloud/fieldhubd.{n:02d}.log' for n in sink.forced)})")
         if oom:
             print(f"  note: mosquitto logged 'disconnected due to out of memory' {oom} times: its bogus message "
                   f"when a publisher vanishes before the PUBACK (the kill -9; eclipse-mosquitto/mosquitto#2627, "
@@ -684,14 +917,18 @@ def main():
                   f"{f[3]}: {f[4]}")
         if lost:
             print(f"LOST at the sink (first 30): {lost[:30]}")
+            print(f"  published in cycle: {[cycle_of(*k) for k in lost[:30]]}")
         if ev_lost:
             print(f"LOST in the events stream (first 30): {ev_lost[:30]}")
+        if live_only:
+            print(f"GONE from the cloud's event stream (seen live, not in the final replay; first 30): {live_only[:30]}")
         if reordered:
             print(f"REORDERED first deliveries (device, earlier seq, later seq; first 30): {reordered[:30]}")
+            print(f"  later seq published in cycle: {[cycle_of(r[0], r[2]) for r in reordered[:30]]}")
         with open(f"{d}/result.json", "w") as f:
-            json.dump(dict(seed=seed, cycles=cycles, acked=len(acked), deliveries=len(got), lost=lost,
-                           events_lost=ev_lost, duplicates=dups, reordered=reordered), f)
-        ok = not lost and not ev_lost and bl == 0
+            json.dump(dict(seed=seed, sink=args.sink, cycles=cycles, acked=len(acked), deliveries=len(got), lost=lost,
+                           events_lost=ev_lost, duplicates=dups, reordered=reordered, live_only=live_only), f)
+        ok = not lost and not ev_lost and not live_only and bl == 0
         print("RESULT:", "zero loss" if ok else "FAILED", flush=True)
         return 0 if ok else 1
     except KeyboardInterrupt:
@@ -725,4 +962,6 @@ def main():
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "--subscriber":
         sys.exit(subscriber_main(int(sys.argv[2]), sys.argv[3], sys.argv[4]))
+    if len(sys.argv) == 4 and sys.argv[1] == "--cloud-reader":
+        sys.exit(cloud_reader_main(sys.argv[2], sys.argv[3]))
     sys.exit(main())

@@ -1227,7 +1227,9 @@ static void on_close(struct gw_net_conn *c, int reason) {
                             GW_FIELDS(.component = "mqtt", .device = mc->device_id,
                                       .message_id = GW_MSG_DEVICE_DISCONNECTED, .event = "device-disconnected"),
                             "MQTT %s: device %s disconnected (%s)", mc->peer, dev_name(mc),
-                            mc->clean_disconnect ? "DISCONNECT" : reason == 0 ? "closed by the device" : "%m");
+                            mc->clean_disconnect ? "DISCONNECT"
+                            : reason == 0        ? "closed by the device"
+                                                 : strerror(reason < 0 ? -reason : reason));
         }
         struct hub_session *s = mc->session;
         mc->session = NULL;

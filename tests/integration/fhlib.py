@@ -232,14 +232,23 @@ def ctl(d, *args, check=True, input=None):
     return p
 
 
+def monitor_args(d, device, seconds):
+    """The command line of `fieldhubctl monitor-events` for device's events, for seconds."""
+    return [FIELDHUBCTL, "--socket", os.path.join(d, "admin.sock"), "--json", "monitor-events",
+            "--device", device, "--properties", "--timeout", f"{seconds}s"]
+
+
 def telemetry_events(d, device, seconds):
     """Telemetry of device seen by `fieldhubctl monitor-events` within seconds:
     [(payload, properties)]."""
-    p = subprocess.run([FIELDHUBCTL, "--socket", os.path.join(d, "admin.sock"), "--json", "monitor-events",
-                        "--device", device, "--properties", "--timeout", f"{seconds}s"],
-                       capture_output=True, text=True, timeout=seconds + 20)
+    p = subprocess.run(monitor_args(d, device, seconds), capture_output=True, text=True, timeout=seconds + 20)
+    return telemetry_of(p.stdout)
+
+
+def telemetry_of(text):
+    """The telemetry events in the output of monitor_args(): [(payload, properties)]."""
     out = []
-    for line in p.stdout.splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if not line.startswith("{"):
             continue

@@ -12,7 +12,6 @@ import json
 import re
 import os
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -24,9 +23,9 @@ import fcntl
 import zlib
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fhlib import (FIELDHUBCTL, FIELDHUBD, SRCDIR, Daemon, Skip, at_exit, config_text, ctl, main,  # noqa: E402
+from fhlib import (FIELDHUBD, SRCDIR, Daemon, Skip, at_exit, config_text, ctl, main,  # noqa: E402
                    tmpdir, write)
-from fhlib import reported, wait_for  # noqa: E402
+from fhlib import monitor_args, reported, telemetry_of, wait_for  # noqa: E402
 
 BUILDDIR = os.path.dirname(os.path.dirname(FIELDHUBD))
 PLUGIN = os.path.join(BUILDDIR, "adapters", "serial", "fieldhub-serial-example.so")
@@ -145,26 +144,14 @@ class Monitor:
     """fieldhubctl monitor-events for one device, started before the instrument speaks."""
 
     def __init__(self, d, device, seconds):
-        self.p = subprocess.Popen([FIELDHUBCTL, "--socket", os.path.join(d, "admin.sock"), "--json", "monitor-events",
-                                   "--device", device, "--properties", "--timeout", f"{seconds}s"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.p = subprocess.Popen(monitor_args(d, device, seconds), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
         at_exit(lambda: self.p.poll() is None and self.p.kill())
         time.sleep(0.7)  # let it subscribe
 
     def events(self):
         out, _ = self.p.communicate(timeout=60)
-        evs = []
-        for line in out.splitlines():
-            line = line.strip()
-            if not line.startswith("{"):
-                continue
-            ev = json.loads(line)["event"]
-            if ev["properties"]["system"].get("iothub-message-source") == "Telemetry":
-                payload = ev["payload"]
-                if isinstance(payload, str):
-                    payload = json.loads(payload)
-                evs.append((payload, ev["properties"]["application"]))
-        return evs
+        return [(payload, props["application"]) for payload, props in telemetry_of(out)]
 
 
 def method(d, device, name, payload=None):

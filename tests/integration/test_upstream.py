@@ -431,6 +431,23 @@ def make_certs(d):
     os.chmod(f"{d}/srv.key", 0o644)
 
 
+def pump(a, b):
+    """Copies a to b until either side ends, then shuts both down (their owner closes them)."""
+    try:
+        while True:
+            data = a.recv(65536)
+            if not data:
+                break
+            b.sendall(data)
+    except OSError:
+        pass
+    for x in (a, b):
+        try:
+            x.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class ConnectSpy:
     """A TLS man in the middle the test controls (gateway -TLS-> spy -TLS-> mosquitto), which
     records each MQTT CONNECT's client id, user name and password (mosquitto cannot check SAS
@@ -509,20 +526,6 @@ class ConnectSpy:
             self.socks += [t, u]
             u.sendall(pkt)
 
-            def pump(a, b):
-                try:
-                    while True:
-                        data = a.recv(65536)
-                        if not data:
-                            break
-                        b.sendall(data)
-                except OSError:
-                    pass
-                for x in (a, b):
-                    try:
-                        x.close()
-                    except OSError:
-                        pass
             threading.Thread(target=pump, args=(u, t), daemon=True).start()
             pump(t, u)
         except (OSError, IndexError):
@@ -989,24 +992,9 @@ class CutProxy:
             with self.lock:
                 self.conns += [c, u]
                 self.accepted += 1
-            threading.Thread(target=self._pump, args=(c, u), daemon=True).start()
-            threading.Thread(target=self._pump, args=(u, c), daemon=True).start()
+            threading.Thread(target=pump, args=(c, u), daemon=True).start()
+            threading.Thread(target=pump, args=(u, c), daemon=True).start()
 
-    @staticmethod
-    def _pump(a, b):
-        try:
-            while True:
-                data = a.recv(65536)
-                if not data:
-                    break
-                b.sendall(data)
-        except OSError:
-            pass
-        for x in (a, b):
-            try:
-                x.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 def first_delivery_order(seq):
